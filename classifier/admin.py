@@ -1,0 +1,58 @@
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+
+from .models import ClassifierModel, Laboratory, Prediction, User
+from .scoping import scoped
+
+
+class LabScopedAdmin(admin.ModelAdmin):
+    """Staff who are not superusers see only their own laboratory's rows."""
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request)
+        return queryset if request.user.is_superuser else scoped(queryset, request.user)
+
+
+@admin.register(Laboratory)
+class LaboratoryAdmin(admin.ModelAdmin):
+    list_display = ["name", "created_at"]
+    search_fields = ["name"]
+
+
+@admin.register(User)
+class UserAdmin(LabScopedAdmin, BaseUserAdmin):
+    list_display = ["username", "email", "laboratory", "is_staff", "is_active"]
+    list_filter = ["laboratory", "groups", "is_staff", "is_active"]
+    fieldsets = (*BaseUserAdmin.fieldsets, ("Laboratory", {"fields": ("laboratory", "review_threshold")}))
+    add_fieldsets = (*BaseUserAdmin.add_fieldsets, ("Laboratory", {"fields": ("laboratory",)}))
+
+
+@admin.register(ClassifierModel)
+class ClassifierModelAdmin(LabScopedAdmin):
+    list_display = ["name", "version", "architecture", "input_height", "test_accuracy", "is_active", "is_bundled", "laboratory"]
+    list_filter = ["is_active", "is_bundled", "architecture", "laboratory"]
+    search_fields = ["name", "architecture", "sha256"]
+    readonly_fields = ["sha256", "card", "created_at", "is_bundled"]
+    actions = ["activate", "deactivate"]
+
+    @admin.action(description="Activate selected models")
+    def activate(self, request, queryset):
+        self.message_user(request, f"{queryset.update(is_active=True)} model(s) activated.")
+
+    @admin.action(description="Deactivate selected models")
+    def deactivate(self, request, queryset):
+        self.message_user(request, f"{queryset.update(is_active=False)} model(s) deactivated.")
+
+
+@admin.register(Prediction)
+class PredictionAdmin(LabScopedAdmin):
+    list_display = ["original_filename", "predicted_class", "confidence", "is_outlier", "model", "user", "laboratory", "created_at"]
+    list_filter = ["laboratory", "predicted_class", "model", "is_outlier"]
+    search_fields = ["original_filename", "uid"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

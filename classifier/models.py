@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from .inference import ModelSpec
+
+THRESHOLD_MIN, THRESHOLD_MAX = 0.50, 0.99
+
+
+def threshold_validators() -> list:
+    return [MinValueValidator(THRESHOLD_MIN), MaxValueValidator(THRESHOLD_MAX)]
+
+
+class Laboratory(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "laboratories"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class User(AbstractUser):
+    """A platform user; every user works in exactly one laboratory."""
+
+    laboratory = models.ForeignKey(Laboratory, on_delete=models.PROTECT, related_name="members", null=True)
+    review_threshold = models.FloatField(default=settings.WBC_DEFAULT_THRESHOLD, validators=threshold_validators())
+
+
+class ClassifierModelQuerySet(models.QuerySet):
+    def usable(self) -> ClassifierModelQuerySet:
+        return self.filter(is_active=True)
+
+
+class ClassifierModel(models.Model):
+    """A registered model file and what its card says about how to feed it."""
+
+    name = models.CharField(max_length=120)
+    version = models.CharField(max_length=40, default="1")
+    architecture = models.CharField(max_length=60)
+    file_name = models.CharField(max_length=255, help_text="file in the models folder")
+    sha256 = models.CharField(max_length=64)
+    input_height = models.PositiveIntegerField()
+    input_width = models.PositiveIntegerField()
+    normalization = models.JSONField()
+    class_names = models.JSONField()
+    temperature = models.FloatField(default=1.0)
+    ood_file_name = models.CharField(max_length=255, blank=True)
+    parameters = models.PositiveBigIntegerField(null=True, blank=True)
+    test_accuracy = models.FloatField(null=True, blank=True)
+    card = models.JSONField(default=dict, blank=True)
+    is_active = models.BooleanField(default=True)
+    is_bundled = models.BooleanField(default=False)
+    laboratory = models.ForeignKey(
+        Laboratory, null=True, blank=True, on_delete=models.CASCADE, help_text="empty: available to every lab"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ClassifierModelQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name", "-created_at"]
+        constraints = [models.UniqueConstraint(fields=["name", "version"], name="unique_model_name_version")]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @property
+    def path(self) -> Path:
+        return Path(settings.WBC_MODELS_DIR) / self.file_name
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (self.input_height, self.input_width)
+
+    def spec(self) -> ModelSpec:
+        ood = Path(settings.WBC_MODELS_DIR) / self.ood_file_name if self.ood_file_name else None
+        return ModelSpec(
+            path=self.path,
+            sha256=self.sha256,
+            input_size=self.input_size,
+            normalization=self.normalization,
+            class_names=tuple(self.class_names),
+            temperature=self.temperature,
+            ood_path=ood,
+        )
+
+
+def cell_upload_to(instance: Prediction, filename: str) -> str:
+    suffix = Path(filename).suffix.lower() or ".png"
+    return f"cells/{instance.laboratory_id}/{instance.uid}{suffix}"
+
+
+def saliency_upload_to(instance: Prediction, filename: str) -> str:
+    return f"saliency/{instance.laboratory_id}/{filename}"
+
+
+class Prediction(models.Model):
+    """One classified cell image with everything needed to show it again."""
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    laboratory = models.ForeignKey(Laboratory, on_delete=models.CASCADE, related_name="predictions")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="predictions")
+    model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="predictions")
+    model_version = models.CharField(max_length=40)
+    image = models.FileField(upload_to=cell_upload_to)
+    original_filename = models.CharField(max_length=255)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    predicted_class = models.CharField(max_length=40)
+    confidence = models.FloatField()
+    probabilities = models.JSONField(help_text="calibrated, in the model's class order")
+    ood_score = models.FloatField(null=True, blank=True)
+    is_outlier = models.BooleanField(default=False, help_text="far from every training class")
+    processing_ms = models.FloatField()
+    gradcam = models.FileField(upload_to=saliency_upload_to, blank=True)
+    gradient = models.FileField(upload_to=saliency_upload_to, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.original_filename}: {self.predicted_class} ({self.confidence:.2f})"
+
+    def needs_review(self, threshold: float) -> bool:
+        return self.confidence < threshold or self.is_outlier
+
+    def ranked_probabilities(self) -> list[tuple[str, float]]:
+        return sorted(zip(self.model.class_names, self.probabilities, strict=True), key=lambda kv: -kv[1])

@@ -1,0 +1,149 @@
+"""Pure pixel functions shared by training and serving.
+
+No Django and no TensorFlow here: decoding, orientation, resizing and normalisation are plain
+Pillow/numpy so that the exact same code prepares training data and live uploads (a mismatch
+between the two is how the prototype's MobileNetV2 fell to 31%).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG"}
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 16
+
+
+class ImageRejected(ValueError):
+    """An upload that cannot be classified; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How 0–255 RGB pixels become model input: ``scale01`` (x / 255) or per-channel ``zscore``."""
+
+    method: str
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Normalization:
+        method = spec.get("method")
+        if method == "scale01":
+            return cls("scale01")
+        if method == "zscore":
+            mean, std = spec.get("mean"), spec.get("std")
+            if not (_is_rgb_triplet(mean) and _is_rgb_triplet(std)) or min(std) <= 0:
+                raise ValueError("zscore normalisation needs 'mean' and positive 'std', three numbers each")
+            return cls("zscore", tuple(float(v) for v in mean), tuple(float(v) for v in std))
+        raise ValueError(f"unknown normalisation method {method!r} (expected 'scale01' or 'zscore')")
+
+    def to_dict(self) -> dict:
+        if self.method == "scale01":
+            return {"method": "scale01"}
+        return {"method": "zscore", "mean": list(self.mean), "std": list(self.std)}
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """Map uint8 (or float 0–255) pixels, channels last, to float32 model input."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.method == "scale01":
+            return x / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return (x - mean) / std
+
+
+def _is_rgb_triplet(value: object) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and len(value) == 3
+        and all(isinstance(v, int | float) and np.isfinite(v) for v in value)
+    )
+
+
+def decode_image(
+    source: bytes | BinaryIO,
+    *,
+    name: str = "image",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode a JPEG/PNG fully, honour EXIF orientation and return an RGB image.
+
+    The type is decided by what Pillow decodes, never by the file name. Every refusal raises
+    :class:`ImageRejected` with a sentence that names the file and the reason.
+    """
+    data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
+    if not data:
+        raise ImageRejected(f"{name}: the file is empty.")
+    if len(data) > max_bytes:
+        raise ImageRejected(f"{name}: the file is larger than {max_bytes // (1024 * 1024)} MB.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageRejected(
+                    f"{name}: unsupported image type ({fmt or 'unknown'}); upload a JPEG or PNG."
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"{name}: the image is too large ({width}x{height} pixels; "
+                    f"the limit is {max_pixels // 1_000_000} megapixels)."
+                )
+            image.load()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(f"{name}: refused as a possible decompression bomb (too many pixels to decode safely).") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(f"{name}: not a readable image; upload a JPEG or PNG.") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(f"{name}: the image is damaged or truncated ({exc}).") from exc
+    if min(image.size) < DEFAULT_MIN_SIDE:
+        raise ImageRejected(f"{name}: the image is too small ({width}x{height} pixels).")
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = _to_rgb(image)
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten transparency onto white (a slide background) and drop other modes to RGB."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to (height, width) with bilinear filtering; returns uint8 HxWx3."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_pixels(
+    source: bytes | BinaryIO, size: tuple[int, int], *, name: str = "image", **limits: int
+) -> np.ndarray:
+    """Decode, orient, convert and resize in one step (uint8 HxWx3)."""
+    return resize(decode_image(source, name=name, **limits), size)
+
+
+def load_path(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Read an image file from disk and prepare it like an upload (used by training/evaluation)."""
+    with open(path, "rb") as handle:
+        return load_pixels(handle.read(), size, name=str(path))

@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+app_name = "classifier"
+urlpatterns = [
+    path("", views.classify, name="classify"),
+    path("history/", views.history, name="history"),
+    path("settings/threshold/", views.update_threshold, name="threshold"),
+    path("predictions/<uuid:uid>/", views.prediction_detail, name="prediction"),
+    path("predictions/<uuid:uid>/image/", views.prediction_image, name="prediction_image"),
+    path("predictions/<uuid:uid>/saliency/<str:method>.png", views.prediction_saliency, name="saliency"),
+]

@@ -1,0 +1,162 @@
+"""Shared fixtures: named personas, a tiny real Keras model, generated images."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classifier.datasets import WBC_CLASSES
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_MODELS = REPO / "models"
+SHARED_DATA = Path(os.environ.get("WBC_DATA_DIR", REPO.parent / "shared" / "data"))
+TINY_SIZE = (32, 32)
+
+
+def require_shared_data() -> Path:
+    pbc = SHARED_DATA / "pbc"
+    if not pbc.is_dir():
+        pytest.skip(f"real PBC images not found at {pbc} (set WBC_DATA_DIR to the shared data folder)")
+    return pbc
+
+
+def image_bytes(
+    size: tuple[int, int] = (64, 60), fmt: str = "PNG", color=(200, 120, 160), mode: str = "RGB", **save
+) -> bytes:
+    """A small synthetic 'cell': a coloured disc with some texture on a light background."""
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    disc = ((xx - width / 2) ** 2 + (yy - height / 2) ** 2) < (min(size) / 3) ** 2
+    pixels = np.full((height, width, 3), 235, np.uint8)
+    pixels[disc] = color
+    pixels[::7, ::5] = (90, 60, 140)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def build_tiny_model(path: Path, input_size=TINY_SIZE, n_classes: int = 5, seed: int = 0) -> None:
+    """A real (untrained, seeded) Keras CNN, shaped like ours: Conv2D ... 'gap' -> softmax."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(*input_size, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_last")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    keras.Model(inputs, outputs).save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    path = folder / "tiny.keras"
+    build_tiny_model(path)
+    return path
+
+
+@pytest.fixture
+def models_dir(tmp_path, settings, tiny_model_file) -> Path:
+    """An isolated models folder holding the tiny model; settings point at it."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_model_file, folder / "tiny.keras")
+    settings.WBC_MODELS_DIR = folder
+    return folder
+
+
+@pytest.fixture
+def tiny_record(db, models_dir):
+    from classifier.inference import file_sha256
+    from classifier.models import ClassifierModel
+
+    return ClassifierModel.objects.create(
+        name="Tiny CNN",
+        version="1",
+        architecture="tiny",
+        file_name="tiny.keras",
+        sha256=file_sha256(models_dir / "tiny.keras"),
+        input_height=TINY_SIZE[0],
+        input_width=TINY_SIZE[1],
+        normalization={"method": "scale01"},
+        class_names=list(WBC_CLASSES),
+        temperature=1.0,
+    )
+
+
+@pytest.fixture
+def lab_a(db):
+    from classifier.models import Laboratory
+
+    return Laboratory.objects.create(name="Lab A")
+
+
+@pytest.fixture
+def lab_b(db):
+    from classifier.models import Laboratory
+
+    return Laboratory.objects.create(name="Lab B")
+
+
+def _user(username, lab, role):
+    from django.contrib.auth.models import Group
+
+    from classifier.models import User
+
+    user = User.objects.create_user(username=username, password="a-long-test-password", laboratory=lab)
+    if role:
+        user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def technologist(lab_a):
+    return _user("tech_a", lab_a, "Technologist")
+
+
+@pytest.fixture
+def model_admin(lab_a):
+    return _user("admin_a", lab_a, "Model admin")
+
+
+@pytest.fixture
+def outsider(lab_b):
+    """A technologist in another lab, who must see nothing of lab A."""
+    return _user("tech_b", lab_b, "Technologist")
+
+
+@pytest.fixture
+def tech_client(client, technologist):
+    client.force_login(technologist)
+    return client
+
+
+@pytest.fixture
+def prediction(technologist, tiny_record):
+    from classifier.services import UploadedImage, classify_image
+
+    return classify_image(technologist, UploadedImage("cell.png", image_bytes()), tiny_record)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_media(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_classifier_cache():
+    from classifier.inference import clear_cache
+
+    clear_cache()
+    yield
