@@ -29,7 +29,16 @@ class UserAdmin(LabScopedAdmin, BaseUserAdmin):
 
 @admin.register(ClassifierModel)
 class ClassifierModelAdmin(LabScopedAdmin):
-    list_display = ["name", "version", "architecture", "input_height", "test_accuracy", "is_active", "is_bundled", "laboratory"]
+    list_display = [
+        "name",
+        "version",
+        "architecture",
+        "input_height",
+        "test_accuracy",
+        "is_active",
+        "is_bundled",
+        "laboratory",
+    ]
     list_filter = ["is_active", "is_bundled", "architecture", "laboratory"]
     search_fields = ["name", "architecture", "sha256"]
     readonly_fields = ["sha256", "card", "created_at", "is_bundled"]
@@ -46,7 +55,16 @@ class ClassifierModelAdmin(LabScopedAdmin):
 
 @admin.register(Prediction)
 class PredictionAdmin(LabScopedAdmin):
-    list_display = ["original_filename", "predicted_class", "confidence", "is_outlier", "model", "user", "laboratory", "created_at"]
+    list_display = [
+        "original_filename",
+        "predicted_class",
+        "confidence",
+        "is_outlier",
+        "model",
+        "user",
+        "laboratory",
+        "created_at",
+    ]
     list_filter = ["laboratory", "predicted_class", "model", "is_outlier"]
     search_fields = ["original_filename", "uid"]
     date_hierarchy = "created_at"

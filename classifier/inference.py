@@ -58,7 +58,7 @@ def file_sha256(path: Path) -> str:
 
 def _import_keras():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras  # noqa: PLC0415 — TensorFlow is only ever loaded here, on first use
+    import keras
 
     return keras
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import TypedDict
 
 import numpy as np
@@ -67,7 +68,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     correct = probs.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in pairwise(edges):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
@@ -101,9 +102,7 @@ def classification_report(
     roc: dict[str, float | None] = {}
     for i, name in enumerate(class_names):
         positives = labels == i
-        roc[name] = (
-            float(roc_auc_score(positives, probs[:, i])) if 0 < positives.sum() < len(labels) else None
-        )
+        roc[name] = float(roc_auc_score(positives, probs[:, i])) if 0 < positives.sum() < len(labels) else None
     return {
         "n": len(labels),
         "accuracy": float(accuracy_score(labels, predicted)),
@@ -134,14 +133,11 @@ def format_report(report: MetricsReport, class_names: list[str]) -> str:
         auc = report["roc_auc_ovr"][name]
         auc_text = f"{auc:.4f}" if auc is not None else "n/a"
         lines.append(
-            f"{name:<12}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}"
-            f"{m['support']:>10}{auc_text:>10}"
+            f"{name:<12}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}{auc_text:>10}"
         )
     for label in ("macro_avg", "weighted_avg"):
         m = report[label]
-        lines.append(
-            f"{label:<12}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}"
-        )
+        lines.append(f"{label:<12}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}")
     lines.append("confusion matrix (rows true, columns predicted): " + ", ".join(class_names))
     for name, row in zip(class_names, report["confusion_matrix"], strict=True):
         lines.append(f"{name:<12}" + "".join(f"{v:>7}" for v in row))

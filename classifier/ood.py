@@ -1,4 +1,4 @@
-""""Is this one of the five white cells at all?" — a feature-distance score (no TensorFlow).
+""" "Is this one of the five white cells at all?" — a feature-distance score (no TensorFlow).
 
 Mahalanobis distance (Lee et al. 2018) from the pooled features that feed the classifier's last
 layer to the nearest class mean, with one shared, shrunk covariance fitted on the training split.
@@ -58,7 +58,9 @@ class FeatureDistance:
         )
 
 
-def fit_feature_distance(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray) -> FeatureDistance:
+def fit_feature_distance(
+    train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray
+) -> FeatureDistance:
     train_features = np.asarray(train_features, dtype=np.float64)
     classes = np.unique(train_labels)
     means = np.stack([train_features[train_labels == c].mean(axis=0) for c in classes])

@@ -92,9 +92,7 @@ def decode_image(
             image = Image.open(io.BytesIO(data))
             fmt = image.format
             if fmt not in ALLOWED_FORMATS:
-                raise ImageRejected(
-                    f"{name}: unsupported image type ({fmt or 'unknown'}); upload a JPEG or PNG."
-                )
+                raise ImageRejected(f"{name}: unsupported image type ({fmt or 'unknown'}); upload a JPEG or PNG.")
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(
@@ -105,7 +103,9 @@ def decode_image(
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"{name}: refused as a possible decompression bomb (too many pixels to decode safely).") from exc
+        raise ImageRejected(
+            f"{name}: refused as a possible decompression bomb (too many pixels to decode safely)."
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected(f"{name}: not a readable image; upload a JPEG or PNG.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -136,9 +136,7 @@ def resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_pixels(
-    source: bytes | BinaryIO, size: tuple[int, int], *, name: str = "image", **limits: int
-) -> np.ndarray:
+def load_pixels(source: bytes | BinaryIO, size: tuple[int, int], *, name: str = "image", **limits: int) -> np.ndarray:
     """Decode, orient, convert and resize in one step (uint8 HxWx3)."""
     return resize(decode_image(source, name=name, **limits), size)
 

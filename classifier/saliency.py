@@ -17,14 +17,14 @@ COLORMAP = "turbo"
 
 
 def _tf():
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     return tf
 
 
 def last_conv_layer(model) -> str:
     """Name of the last Conv2D layer (Grad-CAM's usual target)."""
-    import keras  # noqa: PLC0415
+    import keras
 
     for layer in reversed(model.layers):
         if isinstance(layer, keras.layers.Conv2D):
@@ -38,7 +38,7 @@ def gradcam(classifier: Classifier, pixels: np.ndarray, class_index: int, layer_
     Gradients are taken of log p(class) rather than p, so a very confident softmax still gives a map.
     """
     tf = _tf()
-    import keras  # noqa: PLC0415
+    import keras
 
     model = classifier.model
     layer = model.get_layer(layer_name or last_conv_layer(model))
@@ -82,7 +82,7 @@ def saliency_map(classifier: Classifier, pixels: np.ndarray, class_index: int, m
 
 def overlay_png(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
     """Blend a [0, 1] heatmap, coloured with a perceptual colour map, over the original image."""
-    from matplotlib import colormaps  # noqa: PLC0415
+    from matplotlib import colormaps
 
     base = image.convert("RGB")
     heat = Image.fromarray((heatmap * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR)

@@ -30,13 +30,13 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-from . import datasets  # noqa: E402
-from .metrics import apply_temperature, classification_report, fit_temperature  # noqa: E402
-from .ood import fit_feature_distance  # noqa: E402
-from .preprocessing import Normalization  # noqa: E402
+from . import datasets
+from .metrics import apply_temperature, classification_report, fit_temperature
+from .ood import fit_feature_distance
+from .preprocessing import Normalization
 
 ARCHITECTURES = ("enhanced_cnn_v2", "mobilenet_v2_head", "mobilenet_v2_finetuned")
 MOBILENET_SPLIT_LAYER = "block_15_add"
@@ -140,9 +140,7 @@ def build_enhanced_cnn_v2(input_size: tuple[int, int], n_classes: int = 5) -> ke
 def _mobilenet_backbone(input_size: tuple[int, int], weights: str | None) -> keras.Model:
     if weights and weights != "imagenet" and not str(weights).endswith(".h5"):
         raise ValueError("--imagenet-weights must be 'imagenet' or a path to the no-top .h5 file")
-    return keras.applications.MobileNetV2(
-        input_shape=(*input_size, 3), include_top=False, alpha=1.0, weights=weights
-    )
+    return keras.applications.MobileNetV2(input_shape=(*input_size, 3), include_top=False, alpha=1.0, weights=weights)
 
 
 @dataclass
@@ -402,7 +400,9 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     size = config.input_size
     mean = x_train.reshape(-1, 3).mean(axis=0, dtype=np.float64)
     std = x_train.reshape(-1, 3).std(axis=0, dtype=np.float64)
-    normalization = Normalization("zscore", tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in std))
+    normalization = Normalization(
+        "zscore", tuple(round(float(v), 3) for v in mean), tuple(round(float(v), 3) for v in std)
+    )
     log(f"normalisation from the train split: {normalization.to_dict()}")
     model = build_enhanced_cnn_v2(size)
     model.compile(
@@ -412,8 +412,14 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     )
     n_classes = len(weights)
     sample_weights = weights[y_train].astype(np.float32)
-    train_data = AugmentedBatches(x_train, np.eye(n_classes, dtype=np.float32)[y_train], sample_weights,
-                                  config.batch_size, normalization, config.seed)
+    train_data = AugmentedBatches(
+        x_train,
+        np.eye(n_classes, dtype=np.float32)[y_train],
+        sample_weights,
+        config.batch_size,
+        normalization,
+        config.seed,
+    )
     val_x = normalization.apply(x_val)
     val_y = np.eye(n_classes, dtype=np.float32)[y_val]
     checkpoint = config.out_dir / f".{config.arch}.checkpoint.weights.h5"
@@ -421,10 +427,14 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3, min_lr=1e-5),
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
         _EpochLog(log),
     ]
-    history = model.fit(train_data, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks, verbose=0)
+    history = model.fit(
+        train_data, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks, verbose=0
+    )
     checkpoint.unlink(missing_ok=True)
     served = _uncompiled_copy(model)
     train_features, _ = _features_and_probs(served, x_train, normalization)
@@ -452,8 +462,16 @@ class _EpochLog(keras.callbacks.Callback):
 def _mobilenet_cache(config, parts, x_train, y_train, x_val, log):
     """block_15 activations for ``augment_copies`` augmented copies of train and for plain val."""
     key = hashlib.sha256(
-        json.dumps([config.input_size, config.augment_copies, config.seed, len(x_train), config.max_per_class,
-                    str(config.imagenet_weights)]).encode()
+        json.dumps(
+            [
+                config.input_size,
+                config.augment_copies,
+                config.seed,
+                len(x_train),
+                config.max_per_class,
+                str(config.imagenet_weights),
+            ]
+        ).encode()
     ).hexdigest()[:16]
     cache_file = config.cache_dir / f"mobilenet_cache_{key}.npz" if config.cache_dir else None
     if cache_file and cache_file.exists():
@@ -488,10 +506,18 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     sample_weights = weights[train_labels].astype(np.float32)
 
     def fit(model, x, x_val_, learning_rate, epochs, prefix):
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
         return model.fit(
-            x, y_train_1h, sample_weight=sample_weights, validation_data=(x_val_, y_val_1h),
-            batch_size=config.batch_size, epochs=epochs, shuffle=True, verbose=0,
+            x,
+            y_train_1h,
+            sample_weight=sample_weights,
+            validation_data=(x_val_, y_val_1h),
+            batch_size=config.batch_size,
+            epochs=epochs,
+            shuffle=True,
+            verbose=0,
             callbacks=[
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
                 _EpochLog(log, prefix),
@@ -502,7 +528,9 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     pooled_train = predict_in_batches(parts.top_features, train_acts, None, batch_size=256)
     pooled_val = predict_in_batches(parts.top_features, val_acts, None, batch_size=256)
     head_input = keras.Input(shape=(pooled_train.shape[1],), name="pooled_features")
-    head = keras.Model(head_input, parts.full.get_layer("probabilities")(parts.full.get_layer("head_dropout")(head_input)))
+    head = keras.Model(
+        head_input, parts.full.get_layer("probabilities")(parts.full.get_layer("head_dropout")(head_input))
+    )
     history = fit(head, pooled_train, pooled_val, 1e-4, config.epochs, "head ")
     if config.arch == "mobilenet_v2_finetuned":
         # Phase 2: unfreeze the last block (not its BatchNormalization) and train it with the head.

@@ -44,8 +44,13 @@ def image_bytes(
     return buffer.getvalue()
 
 
-def build_tiny_model(path: Path, input_size=TINY_SIZE, n_classes: int = 5, seed: int = 0) -> None:
-    """A real (untrained, seeded) Keras CNN, shaped like ours: Conv2D ... 'gap' -> softmax."""
+def build_tiny_model(
+    path: Path, input_size=TINY_SIZE, n_classes: int = 5, seed: int = 0, favour: int | None = None
+) -> None:
+    """A real (untrained, seeded) Keras CNN, shaped like ours: Conv2D ... 'gap' -> softmax.
+
+    ``favour`` gives one class a large output bias, so the model is confidently that class (~0.97).
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -54,7 +59,12 @@ def build_tiny_model(path: Path, input_size=TINY_SIZE, n_classes: int = 5, seed:
     x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_last")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    bias = (
+        "zeros"
+        if favour is None
+        else keras.initializers.Constant([5.0 if i == favour else 0.0 for i in range(n_classes)])
+    )
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities", bias_initializer=bias)(x)
     keras.Model(inputs, outputs).save(path)
 
 

@@ -46,8 +46,16 @@ def test_scoped_helper_shows_nothing_to_another_lab(prediction, outsider, techno
 
 def test_lab_models_are_private_but_shared_models_are_visible(tiny_record, lab_a, outsider, technologist):
     private = ClassifierModel.objects.create(
-        name="Lab A custom", version="1", architecture="x", file_name="x.keras", sha256="0" * 64,
-        input_height=32, input_width=32, normalization={"method": "scale01"}, class_names=[], laboratory=lab_a,
+        name="Lab A custom",
+        version="1",
+        architecture="x",
+        file_name="x.keras",
+        sha256="0" * 64,
+        input_height=32,
+        input_width=32,
+        normalization={"method": "scale01"},
+        class_names=[],
+        laboratory=lab_a,
     )
     assert set(scoped(ClassifierModel, technologist)) == {tiny_record, private}
     assert set(scoped(ClassifierModel, outsider)) == {tiny_record}
@@ -96,7 +104,11 @@ def test_correct_log_in_works_and_log_out_is_post(client, technologist):
 def test_password_change_page_works(tech_client):
     response = tech_client.post(
         reverse("password_change"),
-        {"old_password": "a-long-test-password", "new_password1": "Another-long-pass-42", "new_password2": "Another-long-pass-42"},
+        {
+            "old_password": "a-long-test-password",
+            "new_password1": "Another-long-pass-42",
+            "new_password2": "Another-long-pass-42",
+        },
     )
     assert response.status_code == 302 and response["Location"] == reverse("password_change_done")
 

@@ -28,7 +28,11 @@ def test_imagenet_zscore_is_minus_one_to_one():
 
 @pytest.mark.parametrize(
     "spec",
-    [{"method": "minmax"}, {"method": "zscore", "mean": [1, 2], "std": [1, 1, 1]}, {"method": "zscore", "mean": [0, 0, 0], "std": [1, 0, 1]}],
+    [
+        {"method": "minmax"},
+        {"method": "zscore", "mean": [1, 2], "std": [1, 1, 1]},
+        {"method": "zscore", "mean": [0, 0, 0], "std": [1, 0, 1]},
+    ],
 )
 def test_bad_normalisation_specs_are_refused(spec):
     with pytest.raises(ValueError):
@@ -79,7 +83,7 @@ def test_type_is_decided_by_content_not_name():
 
 
 def test_gif_is_refused_as_unsupported_type():
-    with pytest.raises(ImageRejected, match="unsupported image type \\(GIF\\)"):
+    with pytest.raises(ImageRejected, match=r"unsupported image type \(GIF\)"):
         decode_image(image_bytes(fmt="GIF"), name="cell.gif")
 
 

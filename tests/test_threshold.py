@@ -7,7 +7,9 @@ def test_default_threshold_is_085(technologist):
 
 
 def test_slider_value_is_remembered_per_user(tech_client, technologist):
-    response = tech_client.post(reverse("classifier:threshold"), {"threshold": "0.93"}, headers={"Accept": "application/json"})
+    response = tech_client.post(
+        reverse("classifier:threshold"), {"threshold": "0.93"}, headers={"Accept": "application/json"}
+    )
     assert response.status_code == 200 and response.json() == {"threshold": 0.93}
     technologist.refresh_from_db()
     assert technologist.review_threshold == 0.93
@@ -15,7 +17,9 @@ def test_slider_value_is_remembered_per_user(tech_client, technologist):
 
 @pytest.mark.parametrize("value", ["0.49", "1.0", "abc", ""])
 def test_threshold_outside_range_is_refused(tech_client, technologist, value):
-    response = tech_client.post(reverse("classifier:threshold"), {"threshold": value}, headers={"Accept": "application/json"})
+    response = tech_client.post(
+        reverse("classifier:threshold"), {"threshold": value}, headers={"Accept": "application/json"}
+    )
     assert response.status_code == 400
     technologist.refresh_from_db()
     assert technologist.review_threshold == 0.85

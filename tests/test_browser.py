@@ -1,0 +1,128 @@
+"""The real pages in headless Chromium (Debian's package, driven by Playwright)."""
+
+import base64
+import os
+import shutil
+
+import pytest
+from django.urls import reverse
+
+from classifier.inference import file_sha256
+from classifier.models import ClassifierModel, Prediction
+from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+# Playwright's sync API runs an event loop in this thread; the ORM calls here are ordinary sync code.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+def _chromium() -> str:
+    path = os.environ.get("WBC_CHROMIUM") or shutil.which("chromium")
+    if not path:
+        pytest.fail("Debian's chromium is required for browser tests (scripts/test installs it)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=_chromium(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def confident_model(models_dir):
+    build_tiny_model(models_dir / "confident.keras", favour=4)
+    return ClassifierModel.objects.create(
+        name="Confident tiny",
+        version="1",
+        architecture="tiny",
+        file_name="confident.keras",
+        sha256=file_sha256(models_dir / "confident.keras"),
+        input_height=TINY_SIZE[0],
+        input_width=TINY_SIZE[1],
+        normalization={"method": "scale01"},
+        class_names=["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
+    )
+
+
+def _log_in(page, live_server):
+    page.goto(live_server.url + reverse("login"))
+    page.fill("#id_username", "tech_a")
+    page.fill("#id_password", "a-long-test-password")
+    page.click("button[type=submit]")
+    page.wait_for_url(live_server.url + reverse("classifier:classify"))
+
+
+def _drop_file(page, selector, name, data, mime):
+    page.evaluate(
+        """([selector, name, b64, mime]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: mime}));
+            const zone = document.querySelector(selector);
+            zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+            zone.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }""",
+        [selector, name, base64.b64encode(data).decode(), mime],
+    )
+
+
+def test_log_in_drop_an_image_see_class_saliency_and_threshold_warning(
+    browser, live_server, technologist, confident_model
+):
+    page = browser.new_page()
+    _log_in(page, live_server)
+    page.select_option("#id_model", str(confident_model.pk))
+    _drop_file(page, "#dropzone", "smear-cell.png", image_bytes(size=(120, 110)), "image/png")
+    page.wait_for_selector("#predicted-class")
+    prediction = Prediction.objects.get()
+    assert page.inner_text("#predicted-class") == prediction.predicted_class.capitalize() == "Neutrophil"
+    assert prediction.confidence > 0.9
+
+    # the saliency map really loads as an image
+    page.wait_for_function(
+        "(() => { const img = document.querySelector('#saliency-image'); return img.complete && img.naturalWidth > 0; })()",
+        timeout=60_000,
+    )
+    assert page.eval_on_selector("#saliency-image", "img => img.naturalWidth") == 120
+
+    # at the default 0.85 the confident result needs no review; at 0.99 the warning appears at once
+    assert page.is_hidden("#review-warning")
+    page.fill("#threshold", "0.99")  # sets the range value and fires input/change
+    page.wait_for_selector("#review-warning", state="visible")
+    assert "manual review suggested" in page.inner_text("#review-warning")
+    assert page.inner_text("#threshold-value") == "0.99"
+
+    # the choice is remembered for the user (saved by the page, without re-running the model)
+    for _ in range(40):
+        technologist.refresh_from_db()
+        if technologist.review_threshold == 0.99:
+            break
+        page.wait_for_timeout(100)
+    assert technologist.review_threshold == 0.99
+    assert Prediction.objects.count() == 1
+    page.close()
+
+
+def test_a_bad_drop_shows_an_alert(browser, live_server, technologist, confident_model):
+    page = browser.new_page()
+    _log_in(page, live_server)
+    _drop_file(page, "#dropzone", "notes.png", b"not an image at all", "image/png")
+    page.wait_for_selector("#upload-error")
+    assert "notes.png" in page.inner_text("#upload-error")
+    assert Prediction.objects.count() == 0
+    page.close()
