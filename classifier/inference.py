@@ -37,6 +37,7 @@ class ModelSpec:
     class_names: tuple[str, ...]
     temperature: float = 1.0
     ood_path: Path | None = None
+    onnx_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,61 @@ def _import_keras():
     return keras
 
 
+class KerasBackend:
+    """TensorFlow serving: ``predict_on_batch`` on the cached model (the fallback path)."""
+
+    name = "tensorflow"
+
+    def __init__(self, model, with_features: bool):
+        keras = _import_keras()
+        outputs = [model.get_layer("gap").output, model.outputs[0]] if with_features else model.outputs
+        self.model = keras.Model(model.inputs, outputs)
+        self.with_features = with_features
+        self._lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        with self._lock:  # Keras models are not guaranteed re-entrant across threads
+            out = self.model.predict_on_batch(batch)
+        if self.with_features:
+            features, probs = out
+            return np.asarray(probs, np.float64), np.asarray(features, np.float64)
+        return np.asarray(out, np.float64), None
+
+
+class OnnxBackend:
+    """ONNX Runtime serving of the exported model: outputs (features, probabilities) or probabilities."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.with_features = len(self.session.get_outputs()) == 2
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        if self.with_features:
+            return np.asarray(out[1], np.float64), np.asarray(out[0], np.float64)
+        return np.asarray(out[0], np.float64), None
+
+
+def load_keras_model(path: Path):
+    keras = _import_keras()
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # any loader failure means the file is unusable
+        raise ModelUnavailable(f"The model file {path.name} could not be loaded: {exc}") from exc
+
+
 class Classifier:
-    """A loaded Keras model plus its card's preprocessing, calibration and OOD score."""
+    """A registered model ready to serve: ONNX Runtime when its export checked out, else TensorFlow.
+
+    The Keras model itself is loaded lazily: ONNX serving never needs it, saliency maps do.
+    """
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -77,45 +131,68 @@ class Classifier:
                 f"The model file {spec.path.name} does not match its registered checksum "
                 f"(expected {spec.sha256[:12]}…, found {actual[:12]}…); it may be damaged or replaced."
             )
-        keras = _import_keras()
-        try:
-            self.model = keras.models.load_model(spec.path, compile=False, safe_mode=True)
-        except Exception as exc:  # any loader failure means the file is unusable
-            raise ModelUnavailable(f"The model file {spec.path.name} could not be loaded: {exc}") from exc
-        expected = (None, *spec.input_size, 3)
-        if tuple(self.model.input_shape) != expected:
-            raise ModelUnavailable(
-                f"{spec.path.name} expects input {self.model.input_shape}, but its card says {expected}."
-            )
         self.ood = FeatureDistance.load(spec.ood_path) if spec.ood_path and spec.ood_path.is_file() else None
-        self._features_model = None
-        if self.ood is not None:
-            try:
-                features = self.model.get_layer("gap").output
-                self._features_model = keras.Model(self.model.inputs, [features, self.model.outputs[0]])
-            except ValueError:
+        self._model = None
+        self._model_lock = threading.Lock()
+        self.backend = self._onnx_backend()
+        if self.backend is None:
+            model = self.model
+            has_gap = any(layer.name == "gap" for layer in model.layers)
+            if self.ood is not None and not has_gap:
                 logger.warning("%s has no 'gap' layer; the out-of-distribution score is off", spec.path.name)
                 self.ood = None
-        self._lock = threading.Lock()
+            self.backend = KerasBackend(model, with_features=self.ood is not None)
+        elif not self.backend.with_features:
+            self.ood = None
+        expected = (*spec.input_size, 3)
+        probe = np.zeros((1, *expected), np.float32)
+        try:
+            probs, _ = self.backend.run(probe)
+        except Exception as exc:
+            raise ModelUnavailable(f"{spec.path.name} does not accept {expected} images: {exc}") from exc
+        if probs.shape != (1, len(spec.class_names)):
+            raise ModelUnavailable(
+                f"{spec.path.name} gives {probs.shape[-1]} outputs but its card lists {len(spec.class_names)} classes."
+            )
+
+    def _onnx_backend(self) -> OnnxBackend | None:
+        path = self.spec.onnx_path
+        if path is None:
+            return None
+        if not path.is_file():
+            logger.warning("ONNX file %s is missing; serving %s with TensorFlow", path, self.spec.path.name)
+            return None
+        try:
+            return OnnxBackend(path)
+        except Exception as exc:  # a broken export must never stop serving
+            logger.warning("ONNX Runtime could not load %s (%s); serving with TensorFlow", path, exc)
+            return None
+
+    @property
+    def model(self):
+        """The Keras model (for TensorFlow serving and saliency gradients), loaded on first use."""
+        with self._model_lock:
+            if self._model is None:
+                model = load_keras_model(self.spec.path)
+                expected = (None, *self.spec.input_size, 3)
+                if tuple(model.input_shape) != expected:
+                    raise ModelUnavailable(
+                        f"{self.spec.path.name} expects input {model.input_shape}, but its card says {expected}."
+                    )
+                self._model = model
+            return self._model
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NxHxWx3 (already resized) to normalised float32 model input."""
         return self.normalization.apply(pixels)
 
-    def raw_probabilities(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        with self._lock:  # Keras models are not guaranteed re-entrant across threads
-            if self._features_model is not None:
-                features, probs = self._features_model.predict_on_batch(batch)
-                return np.asarray(probs, np.float64), np.asarray(features, np.float64)
-            return np.asarray(self.model.predict_on_batch(batch), np.float64), None
-
     def predict(self, pixels: np.ndarray, batch_size: int = 32) -> list[Result]:
         """Classify uint8 images (NxHxWx3, already at the model's input size)."""
         results: list[Result] = []
         for start in range(0, len(pixels), batch_size):
-            raw, features = self.raw_probabilities(self.prepare(pixels[start : start + batch_size]))
+            raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
             probs = apply_temperature(raw, self.spec.temperature)
-            scores = self.ood.score(features) if self.ood is not None else None
+            scores = self.ood.score(features) if self.ood is not None and features is not None else None
             for i, p in enumerate(probs):
                 index = int(np.argmax(p))
                 score = float(scores[i]) if scores is not None else None
@@ -144,6 +221,7 @@ def get_classifier(spec: ModelSpec) -> Classifier:
         spec.class_names,
         spec.temperature,
         str(spec.ood_path),
+        str(spec.onnx_path),
     )
     with _cache_lock:
         classifier = _cache.get(key)

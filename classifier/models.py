@@ -58,6 +58,8 @@ class ClassifierModel(models.Model):
     parameters = models.PositiveBigIntegerField(null=True, blank=True)
     test_accuracy = models.FloatField(null=True, blank=True)
     card = models.JSONField(default=dict, blank=True)
+    onnx_file_name = models.CharField(max_length=255, blank=True, help_text="ONNX copy used for serving")
+    onnx_status = models.CharField(max_length=500, blank=True, help_text="why serving falls back to TensorFlow")
     is_active = models.BooleanField(default=True)
     is_bundled = models.BooleanField(default=False)
     laboratory = models.ForeignKey(
@@ -84,7 +86,9 @@ class ClassifierModel(models.Model):
 
     def spec(self) -> ModelSpec:
         ood = Path(settings.WBC_MODELS_DIR) / self.ood_file_name if self.ood_file_name else None
+        onnx = Path(settings.WBC_ONNX_DIR) / self.onnx_file_name if self.onnx_file_name else None
         return ModelSpec(
+            onnx_path=onnx,
             path=self.path,
             sha256=self.sha256,
             input_size=self.input_size,
@@ -135,5 +139,77 @@ class Prediction(models.Model):
     def needs_review(self, threshold: float) -> bool:
         return self.confidence < threshold or self.is_outlier
 
+    def probability_of(self) -> dict[str, float]:
+        return dict(zip(self.model.class_names, self.probabilities, strict=True))
+
     def ranked_probabilities(self) -> list[tuple[str, float]]:
         return sorted(zip(self.model.class_names, self.probabilities, strict=True), key=lambda kv: -kv[1])
+
+
+class Batch(models.Model):
+    """A sample (slide): many cell images classified together into one differential."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    laboratory = models.ForeignKey(Laboratory, on_delete=models.CASCADE, related_name="batches")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="batches")
+    name = models.CharField(max_length=200)
+    external_id = models.CharField(max_length=100, blank=True, db_index=True, help_text="LIS sample/accession id")
+    model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="batches")
+    threshold = models.FloatField(default=settings.WBC_DEFAULT_THRESHOLD, validators=threshold_validators())
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error = models.TextField(blank=True)
+    lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the batch")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "batches"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["laboratory", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="unique_batch_idempotency_key_per_lab",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.FAILED)
+
+
+class BatchItem(models.Model):
+    """One file of a batch: stored and waiting, classified (with its prediction), or refused with a reason."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveIntegerField()
+    original_filename = models.CharField(max_length=255)
+    image = models.FileField(upload_to="batches/%Y/%m/", blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error = models.CharField(max_length=500, blank=True)
+    prediction = models.OneToOneField(
+        Prediction, null=True, blank=True, on_delete=models.SET_NULL, related_name="batch_item"
+    )
+
+    class Meta:
+        ordering = ["position", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.original_filename} ({self.status})"

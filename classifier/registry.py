@@ -34,7 +34,7 @@ def read_card(card_path: Path) -> dict:
     return card
 
 
-def register_card(card_path: Path, *, verify_file: bool = True) -> tuple[ClassifierModel, bool]:
+def register_card(card_path: Path, *, verify_file: bool = True, convert_onnx: bool = True) -> tuple[ClassifierModel, bool]:
     """Create or update the bundled model described by ``card_path``; returns (record, created)."""
     card = read_card(card_path)
     model_file = card_path.parent / card["file"]
@@ -60,9 +60,14 @@ def register_card(card_path: Path, *, verify_file: bool = True) -> tuple[Classif
         "is_bundled": True,
         "laboratory": None,
     }
-    return ClassifierModel.objects.update_or_create(
+    record, created = ClassifierModel.objects.update_or_create(
         name=card["name"], version=str(card.get("version", "1")), defaults=defaults
     )
+    if convert_onnx:
+        from .onnx_export import ensure_onnx  # noqa: PLC0415 — loads TensorFlow
+
+        ensure_onnx(record)
+    return record, created
 
 
 def bundled_cards(models_dir: Path) -> list[Path]:

@@ -5,6 +5,8 @@ from . import views
 app_name = "classifier"
 urlpatterns = [
     path("", views.classify, name="classify"),
+    path("classify/url/", views.classify_url, name="classify_url"),
+    path("batches/new/", views.batch_new, name="batch_new"),
     path("history/", views.history, name="history"),
     path("settings/threshold/", views.update_threshold, name="threshold"),
     path("predictions/<uuid:uid>/", views.prediction_detail, name="prediction"),

@@ -1,19 +1,25 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import TooManyFilesSent
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from .forms import ClassifyForm, ThresholdForm
+from .batches import batch_limits, fetch_urls, submit_batch
+from .fetch import UrlRefused, fetch_image_bytes
+from .forms import BatchForm, ClassifyForm, ThresholdForm, UrlForm
 from .inference import ModelUnavailable
 from .models import ClassifierModel, Prediction
 from .preprocessing import ImageRejected
 from .scoping import get_scoped_or_404, scoped
-from .services import classify_image, ensure_saliency, read_upload
+from .services import UploadedImage, classify_image, ensure_saliency, read_upload
+from .uploads import UploadRefused, expand_uploads
 
 SALIENCY_LABELS = {"gradcam": "Grad-CAM", "gradient": "Input gradient"}
 
@@ -44,9 +50,68 @@ def classify(request: HttpRequest) -> HttpResponse:
             else:
                 return redirect("classifier:prediction", uid=prediction.uid)
         status = 400
+    return _classify_page(request, form, UrlForm(models_queryset=models_queryset), status)
+
+
+def _classify_page(request, form, url_form, status=200):
+    models_queryset = _models_for(request.user)
     recent = scoped(Prediction, request.user).select_related("model")[:8]
-    context = {"form": form, "recent": recent, "has_models": models_queryset.exists()}
+    context = {"form": form, "url_form": url_form, "recent": recent, "has_models": models_queryset.exists()}
     return render(request, "classifier/classify.html", context, status=status)
+
+
+@require_POST
+@permission_required("classifier.add_prediction", raise_exception=True)
+def classify_url(request: HttpRequest) -> HttpResponse:
+    """Fetch an image from an http(s) URL through the safe fetcher, then classify it like an upload."""
+    models_queryset = _models_for(request.user)
+    url_form = UrlForm(request.POST, models_queryset=models_queryset)
+    if url_form.is_valid():
+        try:
+            name, data = fetch_image_bytes(url_form.cleaned_data["url"], max_bytes=settings.WBC_MAX_IMAGE_BYTES)
+            prediction = classify_image(request.user, UploadedImage(name, data), url_form.cleaned_data["model"])
+        except (UrlRefused, ImageRejected) as exc:
+            url_form.add_error("url", str(exc))
+        except ModelUnavailable as exc:
+            return model_unavailable(request, exc)
+        else:
+            return redirect("classifier:prediction", uid=prediction.uid)
+    return _classify_page(request, ClassifyForm(models_queryset=models_queryset), url_form, status=400)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("classifier.add_prediction", raise_exception=True)
+def batch_new(request: HttpRequest) -> HttpResponse:
+    models_queryset = _models_for(request.user)
+    initial = {"name": f"Sample {timezone.localtime():%Y-%m-%d %H:%M}"}
+    status = 200
+    if request.method == "POST":
+        try:
+            files = request.FILES
+        except TooManyFilesSent:
+            files = None
+        form = BatchForm(request.POST, files, models_queryset=models_queryset)
+        if files is None:
+            form.add_error(None, f"Too many files: at most {settings.WBC_BATCH_MAX_FILES} per batch.")
+        elif form.is_valid():
+            data = form.cleaned_data
+            try:
+                entries = expand_uploads(data["files"], batch_limits()) + fetch_urls(data["urls"])
+                if not entries:
+                    raise UploadRefused("No files were chosen: add images, a .zip archive or URLs.")
+                batch = submit_batch(
+                    request.user, entries, data["model"], name=data["name"], external_id=data["external_id"]
+                )
+            except UploadRefused as exc:
+                form.add_error(None, str(exc))
+            else:
+                return redirect("reports:batch", uid=batch.uid)
+        status = 400
+    else:
+        form = BatchForm(initial=initial, models_queryset=models_queryset)
+    limits = batch_limits()
+    context = {"form": form, "max_files": limits.max_files, "max_mb": limits.max_total_bytes // (1024 * 1024)}
+    return render(request, "classifier/batch_new.html", context, status=status)
 
 
 def prediction_detail(request: HttpRequest, uid) -> HttpResponse:

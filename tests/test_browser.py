@@ -95,7 +95,7 @@ def test_log_in_drop_an_image_see_class_saliency_and_threshold_warning(
 
     # the saliency map really loads as an image
     page.wait_for_function(
-        "(() => { const img = document.querySelector('#saliency-image'); return img.complete && img.naturalWidth > 0; })()",
+        "(() => { const i = document.querySelector('#saliency-image'); return i.complete && i.naturalWidth > 0; })()",
         timeout=60_000,
     )
     assert page.eval_on_selector("#saliency-image", "img => img.naturalWidth") == 120

@@ -107,7 +107,7 @@ def test_decompression_bomb_is_refused():
     # A 20000x20000 PNG compresses to a few hundred KB but would need 1.2 GB decoded.
     bomb = io.BytesIO()
     Image.new("L", (20000, 20000)).save(bomb, format="PNG")
-    with pytest.raises(ImageRejected, match="too large|decompression bomb"):
+    with pytest.raises(ImageRejected, match="decompression bomb"):
         decode_image(bomb.getvalue(), name="bomb.png")
 
 

@@ -81,6 +81,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "axes",
+    "django_tasks_db",
     "classifier",
     "reports",
 ]
@@ -196,6 +197,18 @@ WBC_MAX_IMAGE_BYTES = env_int("WBC_MAX_IMAGE_BYTES", 20 * 1024 * 1024)
 WBC_MAX_IMAGE_PIXELS = env_int("WBC_MAX_IMAGE_PIXELS", 40_000_000)
 WBC_DEFAULT_THRESHOLD = 0.85
 WBC_MODELS_DIR = Path(env_str("WBC_MODELS_DIR", str(BASE_DIR / "models")))
+WBC_ONNX_DIR = Path(env_str("WBC_ONNX_DIR", str(BASE_DIR / "var" / "onnx")))
+WBC_BATCH_MAX_FILES = env_int("WBC_BATCH_MAX_FILES", 1000)
+WBC_BATCH_MAX_BYTES = env_int("WBC_BATCH_MAX_BYTES", 1024 * 1024 * 1024)
+WBC_BATCH_MAX_URLS = env_int("WBC_BATCH_MAX_URLS", 50)
+WBC_ZIP_MAX_RATIO = env_int("WBC_ZIP_MAX_RATIO", 100)
+WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
+# A few extra fields beside the files; the batch view reports "too many files" itself.
+DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
+DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)
+
+# Background work goes through django.tasks; the database backend and its worker are the default.
+TASKS = {"default": {"BACKEND": env_str("TASKS_BACKEND", "django_tasks_db.DatabaseBackend")}}
 
 # HTTPS: the run command serves TLS itself; behind a proxy set SECURE_PROXY_SSL_HEADER via env.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)

@@ -68,5 +68,78 @@
     apply();
   }
 
-  document.addEventListener("DOMContentLoaded", () => { setupDropzone(); setupThreshold(); });
+  // Batch upload: dropped files (several, or a .zip) join the picker's selection.
+  function setupBatchDropzone() {
+    const zone = document.getElementById("batch-dropzone");
+    const input = document.getElementById("id_files");
+    const form = document.getElementById("batch-form");
+    if (!zone || !input || !form) return;
+    const chosen = document.getElementById("batch-chosen");
+    const show = () => {
+      const n = input.files.length;
+      chosen.textContent = n ? `${n} file${n === 1 ? "" : "s"} chosen` : "";
+    };
+    input.addEventListener("change", show);
+    ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
+      event.preventDefault(); zone.classList.add("over");
+    }));
+    ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
+    zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      const transfer = new DataTransfer();
+      Array.from(input.files).forEach((f) => transfer.items.add(f));
+      Array.from(event.dataTransfer.files).forEach((f) => transfer.items.add(f));
+      input.files = transfer.files;
+      show();
+    });
+    form.addEventListener("submit", () => {
+      const button = document.getElementById("batch-button");
+      if (button) { button.disabled = true; button.textContent = "Uploading…"; }
+    });
+  }
+
+  // Live progress of a running batch; the finished report replaces the page by itself.
+  function setupProgress() {
+    const batch = document.getElementById("batch");
+    if (!batch || batch.dataset.finished === "1") return;
+    const bar = document.getElementById("progress-bar");
+    const text = document.getElementById("progress-text");
+    const poll = () => {
+      fetch(batch.dataset.statusUrl, { headers: { "Accept": "application/json" }, credentials: "same-origin" })
+        .then((response) => response.json())
+        .then((s) => {
+          const finished = s.done + s.failed;
+          bar.style.width = (s.total ? (100 * finished / s.total) : 0).toFixed(1) + "%";
+          let message = `${s.done} of ${s.total} images classified`;
+          if (s.failed) message += `, ${s.failed} failed`;
+          if (s.eta_seconds !== null && s.status === "running") message += ` · about ${Math.ceil(s.eta_seconds)} s left`;
+          if (s.status === "queued") message += " · waiting for the worker";
+          text.textContent = message;
+          if (s.status === "done" || s.status === "failed") { window.location.reload(); return; }
+          setTimeout(poll, 1000);
+        })
+        .catch(() => setTimeout(poll, 3000));
+    };
+    poll();
+  }
+
+  // The "needs review" tally follows the slider.
+  function setupTally() {
+    const counter = document.getElementById("review-count");
+    if (!counter) return;
+    document.addEventListener("wbc:threshold", (event) => {
+      counter.textContent = document.querySelectorAll("#report-table tr.needs-review").length;
+      document.querySelectorAll(".threshold-echo").forEach((el) => { el.textContent = event.detail.toFixed(2); });
+      const csv = document.getElementById("csv-link");
+      if (csv) csv.href = csv.href.split("?")[0] + "?threshold=" + event.detail.toFixed(2);
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    setupTally();
+    setupDropzone();
+    setupBatchDropzone();
+    setupThreshold();
+    setupProgress();
+  });
 })();

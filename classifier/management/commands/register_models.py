@@ -27,5 +27,6 @@ class Command(BaseCommand):
                 continue
             verb = "registered" if created else "updated"
             self.stdout.write(f"{verb} {record} ({record.file_name}, test accuracy {record.test_accuracy})")
+            self.stdout.write(f"  serving: {record.onnx_status}")
         if failures:
             raise CommandError(f"{failures} model card(s) could not be registered")

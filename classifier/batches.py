@@ -1,0 +1,243 @@
+"""Batches: submitting a slide's images, processing them in the background, and recovering.
+
+A batch is processed by a task that first *claims* it with a conditional UPDATE (queued, or running
+with an expired lease) that must change exactly one row. The holder renews its lease after every
+chunk, so a worker that dies mid-batch leaves a lease that expires; ``recover_stale_batches`` (run
+when a worker starts, and by the status poll) hands such a batch to a new task, which processes only
+the items still pending. The one-to-one link from item to prediction makes a second result for the
+same image impossible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import numpy as np
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from .fetch import UrlRefused, fetch_image_bytes
+from .inference import ModelUnavailable, get_classifier
+from .models import Batch, BatchItem, ClassifierModel, Prediction
+from .preprocessing import ImageRejected, decode_image, resize
+from .uploads import Limits, NamedBytes, UploadRefused
+
+logger = logging.getLogger(__name__)
+CHUNK = 32
+DECODE_WORKERS = 4
+
+
+def batch_limits() -> Limits:
+    return Limits(
+        max_files=settings.WBC_BATCH_MAX_FILES,
+        max_total_bytes=settings.WBC_BATCH_MAX_BYTES,
+        max_file_bytes=settings.WBC_MAX_IMAGE_BYTES,
+        max_zip_ratio=settings.WBC_ZIP_MAX_RATIO,
+    )
+
+
+def fetch_urls(urls: list[str]) -> list[NamedBytes]:
+    """Each URL becomes an entry; a refused URL is a failed entry with its reason, not a failed batch."""
+    if len(urls) > settings.WBC_BATCH_MAX_URLS:
+        raise UploadRefused(f"Too many URLs: at most {settings.WBC_BATCH_MAX_URLS} per batch.")
+    entries = []
+    for url in urls:
+        try:
+            name, data = fetch_image_bytes(url, max_bytes=settings.WBC_MAX_IMAGE_BYTES)
+        except UrlRefused as exc:
+            entries.append(NamedBytes(url[:255], None, str(exc)))
+        else:
+            entries.append(NamedBytes(name, data))
+    return entries
+
+
+def _validate(entry: NamedBytes) -> NamedBytes:
+    """Check an upload like a single image (decoded fully), keeping its bytes when it is good."""
+    if entry.data is None:
+        return entry
+    try:
+        decode_image(
+            entry.data,
+            name=entry.name,
+            max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+            max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
+        )
+    except ImageRejected as exc:
+        return NamedBytes(entry.name, None, str(exc))
+    return entry
+
+
+def submit_batch(
+    user,
+    entries: list[NamedBytes],
+    model_record: ClassifierModel,
+    *,
+    name: str,
+    external_id: str = "",
+    threshold: float | None = None,
+    idempotency_key: str = "",
+) -> Batch:
+    """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
+    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+        checked = list(pool.map(_validate, entries))
+    saved_files = []
+    try:
+        with transaction.atomic():
+            batch = Batch.objects.create(
+                laboratory_id=user.laboratory_id,
+                user=user,
+                name=name[:200],
+                external_id=external_id[:100],
+                model=model_record,
+                threshold=threshold if threshold is not None else user.review_threshold,
+                idempotency_key=idempotency_key,
+            )
+            for position, entry in enumerate(checked):
+                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:])
+                if entry.data is None:
+                    item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
+                else:
+                    suffix = ".png" if entry.data[:4] == b"\x89PNG" else ".jpg"
+                    item.image.save(f"{batch.uid}-{position}{suffix}", ContentFile(entry.data), save=False)
+                    saved_files.append(item.image.name)
+                item.save()
+            if not batch.items.filter(status=BatchItem.Status.PENDING).exists():
+                batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
+                batch.save(update_fields=["status", "finished_at"])
+            else:
+                transaction.on_commit(lambda: enqueue(batch))
+    except Exception:
+        storage = BatchItem._meta.get_field("image").storage
+        for file_name in saved_files:  # nothing half-stored
+            storage.delete(file_name)
+        raise
+    return batch
+
+
+def enqueue(batch: Batch) -> None:
+    from .tasks import process_batch
+
+    process_batch.enqueue(batch.pk)
+
+
+def _claim(batch_id: int) -> uuid.UUID | None:
+    """Atomically take the batch if it is queued, or running with an expired lease."""
+    lease = uuid.uuid4()
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.WBC_LEASE_SECONDS)
+    claimed = Batch.objects.filter(
+        Q(status=Batch.Status.QUEUED) | Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale), pk=batch_id
+    ).update(status=Batch.Status.RUNNING, lease=lease, heartbeat_at=now)
+    if claimed != 1:
+        return None
+    Batch.objects.filter(pk=batch_id, started_at__isnull=True).update(started_at=now)
+    return lease
+
+
+def _renew(batch_id: int, lease: uuid.UUID) -> bool:
+    return Batch.objects.filter(pk=batch_id, lease=lease).update(heartbeat_at=timezone.now()) == 1
+
+
+def _load(item: BatchItem, size: tuple[int, int]) -> np.ndarray | str:
+    try:
+        with item.image.open("rb") as handle:
+            return resize(decode_image(handle.read(), name=item.original_filename), size)
+    except (ImageRejected, OSError) as exc:
+        return str(exc)
+
+
+def process_batch_now(batch_id: int) -> str:
+    """Classify the batch's pending items in chunks; safe to run twice, and after a crash."""
+    lease = _claim(batch_id)
+    if lease is None:
+        return "not claimed (finished, or another worker holds it)"
+    batch = Batch.objects.select_related("model", "user").get(pk=batch_id)
+    record = batch.model
+    try:
+        classifier = get_classifier(record.spec())
+    except ModelUnavailable as exc:
+        Batch.objects.filter(pk=batch_id, lease=lease).update(
+            status=Batch.Status.FAILED, error=str(exc), finished_at=timezone.now()
+        )
+        return f"failed: {exc}"
+    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+        while True:
+            items = list(batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True)[:CHUNK])
+            if not items:
+                break
+            started = time.perf_counter()
+            loaded = list(pool.map(lambda item: _load(item, record.input_size), items))
+            good = [(item, px) for item, px in zip(items, loaded, strict=True) if not isinstance(px, str)]
+            results = classifier.predict(np.stack([px for _, px in good])) if good else []
+            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
+            if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
+                return "lease lost to another worker; stopped"
+    Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.DONE, finished_at=timezone.now())
+    return "done"
+
+
+def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bool:
+    record = batch.model
+    with transaction.atomic():
+        if not Batch.objects.filter(pk=batch.pk, lease=lease).exists():
+            return False
+        for item, outcome in zip(items, loaded, strict=True):
+            if isinstance(outcome, str):
+                BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(
+                    status=BatchItem.Status.FAILED, error=outcome[:500]
+                )
+        for (item, pixels), result in zip(good, results, strict=True):
+            # Re-check under the transaction: an item that already has its result is never done twice.
+            if BatchItem.objects.filter(pk=item.pk, prediction__isnull=False).exists():
+                continue
+            prediction = Prediction(
+                laboratory_id=batch.laboratory_id,
+                user_id=batch.user_id,
+                model=record,
+                model_version=record.version,
+                original_filename=item.original_filename,
+                width=0,
+                height=0,
+                predicted_class=record.class_names[result.class_index],
+                confidence=result.confidence,
+                probabilities=[round(float(p), 6) for p in result.probabilities],
+                ood_score=result.ood_score,
+                is_outlier=result.is_outlier,
+                processing_ms=per_image_ms,
+            )
+            prediction.image.name = item.image.name  # the batch's stored file, not a copy
+            prediction.width, prediction.height = _stored_size(item)
+            prediction.save()
+            BatchItem.objects.filter(pk=item.pk).update(prediction=prediction, status=BatchItem.Status.DONE)
+        return _renew(batch.pk, lease)
+
+
+def _stored_size(item: BatchItem) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with item.image.open("rb") as handle, Image.open(handle) as image:
+            return image.size
+    except OSError:
+        return (0, 0)
+
+
+def recover_stale_batches() -> list[int]:
+    """Re-enqueue batches whose worker died (expired lease) or whose task never ran."""
+    stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS)
+    batch_ids = list(
+        Batch.objects.filter(
+            Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale) | Q(status=Batch.Status.QUEUED, created_at__lt=stale)
+        ).values_list("pk", flat=True)
+    )
+    for batch in Batch.objects.filter(pk__in=batch_ids):
+        logger.warning("re-enqueuing batch %s (%s) left unfinished", batch.pk, batch.name)
+        enqueue(batch)
+    return batch_ids

@@ -1,0 +1,73 @@
+"""Export a registered Keras model to ONNX (tf2onnx via Keras) and prove the copy agrees."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .inference import OnnxBackend, load_keras_model
+from .preprocessing import Normalization
+
+logger = logging.getLogger(__name__)
+MAX_PROBABILITY_DIFFERENCE = 1e-4
+PROBE_BATCH = 8
+
+
+class OnnxExportFailed(RuntimeError):
+    pass
+
+
+def probe_batch(input_size: tuple[int, int], normalization: dict, seed: int = 0) -> np.ndarray:
+    """Deterministic smear-coloured noise images, normalised like real input."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(loc=(200, 170, 190), scale=40, size=(PROBE_BATCH, *input_size, 3)).clip(0, 255)
+    return Normalization.from_dict(normalization).apply(pixels.astype(np.uint8))
+
+
+def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], normalization: dict) -> float:
+    """Write ``onnx_path`` and return the max |p_onnx - p_tf| on a probe batch; raise if it is too large."""
+    import keras
+
+    model = load_keras_model(model_path)
+    has_gap = any(layer.name == "gap" for layer in model.layers)
+    outputs = [model.get_layer("gap").output, model.outputs[0]] if has_gap else model.outputs
+    serving = keras.Model(model.inputs, outputs)
+    probe = probe_batch(input_size, normalization)
+    reference = serving.predict_on_batch(probe)
+    reference_probs = np.asarray(reference[1] if has_gap else reference, np.float64)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        try:
+            serving.export(str(tmp_path), format="onnx", verbose=False)
+        except Exception as exc:
+            raise OnnxExportFailed(f"conversion failed: {exc}") from exc
+        probs, _ = OnnxBackend(tmp_path).run(probe)
+        difference = float(np.abs(probs - reference_probs).max())
+        if not difference <= MAX_PROBABILITY_DIFFERENCE:
+            raise OnnxExportFailed(f"ONNX Runtime and TensorFlow disagree by {difference:.2e} (limit 1e-4)")
+        tmp_path.replace(onnx_path)
+    return difference
+
+
+def ensure_onnx(record) -> None:
+    """Give a ClassifierModel record its checked ONNX copy, or record why it serves with TensorFlow."""
+    from django.conf import settings
+
+    onnx_name = f"{record.sha256[:20]}.onnx"
+    onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_name
+    if record.onnx_file_name == onnx_name and onnx_path.is_file():
+        return
+    try:
+        difference = export_onnx(record.path, onnx_path, record.input_size, record.normalization)
+    except Exception as exc:  # any failure means: serve with TensorFlow, and say why
+        record.onnx_file_name = ""
+        record.onnx_status = f"TensorFlow fallback: {exc}"[:500]
+        logger.warning("%s: ONNX export not used (%s); serving with TensorFlow", record, exc)
+    else:
+        record.onnx_file_name = onnx_name
+        record.onnx_status = f"ONNX Runtime (max |Δp| vs TensorFlow on probe batch: {difference:.1e})"
+    record.save(update_fields=["onnx_file_name", "onnx_status"])

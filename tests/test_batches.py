@@ -1,0 +1,214 @@
+import io
+import zipfile
+from datetime import timedelta
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
+from django.urls import reverse
+from django.utils import timezone
+
+from classifier import batches
+from classifier.batches import process_batch_now, recover_stale_batches, submit_batch
+from classifier.models import Batch, BatchItem, Prediction
+from classifier.uploads import Limits, NamedBytes, UploadRefused, expand_uploads
+from tests.conftest import image_bytes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _entries(n=3, bad=0):
+    good = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i, 100, 200))) for i in range(n)]
+    return good + [NamedBytes(f"junk{i}.jpg", b"not an image") for i in range(bad)]
+
+
+def _run_worker():
+    call_command("run_worker", "--batch")
+
+
+def test_job_life_cycle_queued_running_done(technologist, tiny_record):
+    batch = submit_batch(technologist, _entries(3), tiny_record, name="Slide 1")
+    assert batch.status == Batch.Status.QUEUED
+    assert batch.items.filter(status=BatchItem.Status.PENDING).count() == 3
+    _run_worker()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE
+    assert batch.started_at and batch.finished_at and batch.started_at <= batch.finished_at
+    assert batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count() == 3
+    assert Prediction.objects.filter(batch_item__batch=batch).count() == 3
+
+
+def test_one_bad_file_never_sinks_a_batch(technologist, tiny_record):
+    batch = submit_batch(technologist, _entries(2, bad=1), tiny_record, name="Slide with junk")
+    failed = batch.items.get(status=BatchItem.Status.FAILED)
+    assert failed.original_filename == "junk0.jpg" and "not a readable image" in failed.error
+    assert not failed.image
+    _run_worker()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE
+    assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
+
+
+def test_a_batch_of_only_bad_files_finishes_at_once(technologist, tiny_record):
+    batch = submit_batch(technologist, _entries(0, bad=2), tiny_record, name="All junk")
+    assert batch.status == Batch.Status.DONE and batch.items.filter(status=BatchItem.Status.FAILED).count() == 2
+
+
+def test_model_failure_is_recorded_as_data(technologist, tiny_record, models_dir):
+    batch = submit_batch(technologist, _entries(2), tiny_record, name="Doomed")
+    (models_dir / "tiny.keras").unlink()
+    _run_worker()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.FAILED and "missing" in batch.error
+
+
+class WorkerDied(BaseException):
+    """Stands in for a worker process killed mid-batch (not an Exception: nothing catches it)."""
+
+
+def test_worker_that_died_mid_batch_is_resumed_without_duplicates(technologist, tiny_record, settings, monkeypatch):
+    batch = submit_batch(technologist, _entries(5), tiny_record, name="Crashed")
+    monkeypatch.setattr(batches, "CHUNK", 2)
+    real_store = batches._store_chunk
+
+    def store_then_die(*args):
+        real_store(*args)
+        raise WorkerDied
+
+    monkeypatch.setattr(batches, "_store_chunk", store_then_die)
+    with pytest.raises(WorkerDied):
+        process_batch_now(batch.pk)
+    monkeypatch.setattr(batches, "_store_chunk", real_store)
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.RUNNING
+    assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
+
+    # While the dead worker's lease is fresh nobody else may take the batch...
+    assert process_batch_now(batch.pk).startswith("not claimed")
+    assert recover_stale_batches() == []
+    # ...once it has expired the batch is handed to a new task, which processes only the rest.
+    stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS + 1)
+    Batch.objects.filter(pk=batch.pk).update(heartbeat_at=stale)
+    assert recover_stale_batches() == [batch.pk]
+    _run_worker()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE
+    assert batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count() == 5
+    assert Prediction.objects.count() == 5  # no image got two results
+
+
+def test_running_a_finished_batch_again_changes_nothing(technologist, tiny_record):
+    batch = submit_batch(technologist, _entries(2), tiny_record, name="Twice")
+    _run_worker()
+    assert process_batch_now(batch.pk).startswith("not claimed")
+    assert Prediction.objects.count() == 2
+
+
+def _zip(files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+LIMITS = Limits(max_files=50, max_total_bytes=5_000_000, max_file_bytes=1_000_000, max_zip_ratio=100)
+
+
+def _upload(name, data):
+    return SimpleUploadedFile(name, data)
+
+
+def test_zip_with_nested_folders_and_non_images():
+    data = _zip(
+        {
+            "slide/a/cell1.png": image_bytes(),
+            "slide/b/deeper/cell2.jpg": image_bytes(fmt="JPEG"),
+            "slide/readme.txt": b"hello",
+            "__MACOSX/slide/._cell1.png": b"junk",
+            "slide/.DS_Store": b"junk",
+        }
+    )
+    entries = expand_uploads([_upload("slide.zip", data)], LIMITS)
+    names = {e.name: e for e in entries}
+    assert set(names) == {"slide.zip/slide/a/cell1.png", "slide.zip/slide/b/deeper/cell2.jpg", "slide.zip/slide/readme.txt"}
+    assert names["slide.zip/slide/readme.txt"].data is None and "not an image" in names["slide.zip/slide/readme.txt"].error
+    assert names["slide.zip/slide/a/cell1.png"].data == image_bytes()
+
+
+def test_zip_bomb_is_refused():
+    bomb = _zip({"huge.png": b"\0" * 4_000_000})  # expands thousands-fold
+    with pytest.raises(UploadRefused, match="zip bomb"):
+        expand_uploads([_upload("bomb.zip", bomb)], LIMITS)
+
+
+def test_zip_declaring_more_than_the_batch_limit_is_refused():
+    data = _zip({f"c{i}.png": b"\0" * 1_000_000 for i in range(6)})  # small archive, 6 MB declared
+    lenient_ratio = Limits(max_files=50, max_total_bytes=5_000_000, max_file_bytes=1_000_000, max_zip_ratio=10**6)
+    with pytest.raises(UploadRefused, match="would expand to 6 MB"):
+        expand_uploads([_upload("big.zip", data)], lenient_ratio)
+
+
+def test_not_a_zip_is_listed_as_bad():
+    entries = expand_uploads([_upload("broken.zip", b"PK\x03\x04garbage")], LIMITS)
+    assert entries[0].data is None and "not a readable zip" in entries[0].error
+
+
+def test_too_many_files_is_refused():
+    files = [_upload(f"c{i}.png", image_bytes()) for i in range(4)]
+    with pytest.raises(UploadRefused, match="at most 3"):
+        expand_uploads(files, Limits(3, 5_000_000, 1_000_000))
+
+
+def test_batch_page_uploads_files_and_zip_and_lists_bad_ones(tech_client, tiny_record):
+    files = [
+        _upload("a.png", image_bytes()),
+        _upload("b.jpg", image_bytes(fmt="JPEG")),
+        _upload("notes.png", b"text"),
+        _upload("more.zip", _zip({"x/c.png": image_bytes(color=(10, 10, 10))})),
+    ]
+    response = tech_client.post(
+        reverse("classifier:batch_new"), {"name": "Slide 7", "files": files, "model": tiny_record.pk, "urls": ""}
+    )
+    batch = Batch.objects.get()
+    assert response.status_code == 302 and response["Location"] == reverse("reports:batch", args=[batch.uid])
+    assert batch.items.count() == 4 and batch.items.filter(status=BatchItem.Status.FAILED).count() == 1
+    _run_worker()
+    page = tech_client.get(response["Location"])
+    assert "notes.png" in page.text and "not a readable image" in page.text
+    status = tech_client.get(reverse("reports:batch_status", args=[batch.uid])).json()
+    assert status == {"status": "done", "done": 3, "failed": 1, "total": 4, "eta_seconds": None, "error": ""}
+
+
+def test_batch_page_refuses_too_many_files_with_a_message(tech_client, tiny_record, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 2
+    settings.WBC_BATCH_MAX_FILES = 2
+    files = [_upload(f"c{i}.png", image_bytes()) for i in range(3)]
+    response = tech_client.post(reverse("classifier:batch_new"), {"name": "Too many", "files": files, "model": tiny_record.pk})
+    assert response.status_code == 400 and "Too many files: at most 2" in response.text
+    assert Batch.objects.count() == 0
+
+
+def test_batch_page_with_nothing_chosen(tech_client, tiny_record):
+    response = tech_client.post(reverse("classifier:batch_new"), {"name": "Empty", "model": tiny_record.pk})
+    assert response.status_code == 400 and "No files were chosen" in response.text
+
+
+def test_batch_url_refusals_become_failed_items(tech_client, tiny_record):
+    response = tech_client.post(
+        reverse("classifier:batch_new"),
+        {"name": "URLs", "files": [_upload("a.png", image_bytes())], "model": tiny_record.pk,
+         "urls": "http://127.0.0.1/cell.png\nftp://example.org/x.png"},
+    )
+    batch = Batch.objects.get()
+    assert response.status_code == 302
+    errors = list(batch.items.filter(status=BatchItem.Status.FAILED).values_list("error", flat=True))
+    assert len(errors) == 2 and any("loopback" in e for e in errors) and any("http and https" in e for e in errors)
+
+
+def test_other_lab_cannot_see_a_batch(client, technologist, outsider, tiny_record):
+    batch = submit_batch(technologist, _entries(1), tiny_record, name="Private slide")
+    client.force_login(outsider)
+    for name in ("reports:batch", "reports:batch_status", "reports:batch_csv", "reports:batch_summary_csv"):
+        assert client.get(reverse(name, args=[batch.uid])).status_code == 404
+    assert "Private slide" not in client.get(reverse("reports:batches")).text
