@@ -43,6 +43,15 @@ def batch_limits() -> Limits:
     )
 
 
+def fetch_url(url: str) -> tuple[str, bytes]:
+    """The safe fetcher with this installation's limits."""
+    return fetch_image_bytes(
+        url,
+        max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+        allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS),
+    )
+
+
 def fetch_urls(urls: list[str]) -> list[NamedBytes]:
     """Each URL becomes an entry; a refused URL is a failed entry with its reason, not a failed batch."""
     if len(urls) > settings.WBC_BATCH_MAX_URLS:
@@ -50,7 +59,7 @@ def fetch_urls(urls: list[str]) -> list[NamedBytes]:
     entries = []
     for url in urls:
         try:
-            name, data = fetch_image_bytes(url, max_bytes=settings.WBC_MAX_IMAGE_BYTES)
+            name, data = fetch_url(url)
         except UrlRefused as exc:
             entries.append(NamedBytes(url[:255], None, str(exc)))
         else:
@@ -145,12 +154,14 @@ def _renew(batch_id: int, lease: uuid.UUID) -> bool:
     return Batch.objects.filter(pk=batch_id, lease=lease).update(heartbeat_at=timezone.now()) == 1
 
 
-def _load(item: BatchItem, size: tuple[int, int]) -> np.ndarray | str:
+def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """(model-sized pixels, original width and height), or the reason the stored file is unusable."""
     try:
         with item.image.open("rb") as handle:
-            return resize(decode_image(handle.read(), name=item.original_filename), size)
+            image = decode_image(handle.read(), name=item.original_filename)
     except (ImageRejected, OSError) as exc:
         return str(exc)
+    return resize(image, size), image.size
 
 
 def process_batch_now(batch_id: int) -> str:
@@ -174,8 +185,8 @@ def process_batch_now(batch_id: int) -> str:
                 break
             started = time.perf_counter()
             loaded = list(pool.map(lambda item: _load(item, record.input_size), items))
-            good = [(item, px) for item, px in zip(items, loaded, strict=True) if not isinstance(px, str)]
-            results = classifier.predict(np.stack([px for _, px in good])) if good else []
+            good = [(item, out) for item, out in zip(items, loaded, strict=True) if not isinstance(out, str)]
+            results = classifier.predict(np.stack([pixels for _, (pixels, _) in good])) if good else []
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
             if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
                 return "lease lost to another worker; stopped"
@@ -193,7 +204,7 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(
                     status=BatchItem.Status.FAILED, error=outcome[:500]
                 )
-        for (item, pixels), result in zip(good, results, strict=True):
+        for (item, (_, (width, height))), result in zip(good, results, strict=True):
             # Re-check under the transaction: an item that already has its result is never done twice.
             if BatchItem.objects.filter(pk=item.pk, prediction__isnull=False).exists():
                 continue
@@ -203,8 +214,8 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 model=record,
                 model_version=record.version,
                 original_filename=item.original_filename,
-                width=0,
-                height=0,
+                width=width,
+                height=height,
                 predicted_class=record.class_names[result.class_index],
                 confidence=result.confidence,
                 probabilities=[round(float(p), 6) for p in result.probabilities],
@@ -213,20 +224,9 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 processing_ms=per_image_ms,
             )
             prediction.image.name = item.image.name  # the batch's stored file, not a copy
-            prediction.width, prediction.height = _stored_size(item)
             prediction.save()
             BatchItem.objects.filter(pk=item.pk).update(prediction=prediction, status=BatchItem.Status.DONE)
         return _renew(batch.pk, lease)
-
-
-def _stored_size(item: BatchItem) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with item.image.open("rb") as handle, Image.open(handle) as image:
-            return image.size
-    except OSError:
-        return (0, 0)
 
 
 def recover_stale_batches() -> list[int]:

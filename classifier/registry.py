@@ -34,7 +34,9 @@ def read_card(card_path: Path) -> dict:
     return card
 
 
-def register_card(card_path: Path, *, verify_file: bool = True, convert_onnx: bool = True) -> tuple[ClassifierModel, bool]:
+def register_card(
+    card_path: Path, *, verify_file: bool = True, convert_onnx: bool = True
+) -> tuple[ClassifierModel, bool]:
     """Create or update the bundled model described by ``card_path``; returns (record, created)."""
     card = read_card(card_path)
     model_file = card_path.parent / card["file"]
@@ -64,7 +66,7 @@ def register_card(card_path: Path, *, verify_file: bool = True, convert_onnx: bo
         name=card["name"], version=str(card.get("version", "1")), defaults=defaults
     )
     if convert_onnx:
-        from .onnx_export import ensure_onnx  # noqa: PLC0415 — loads TensorFlow
+        from .onnx_export import ensure_onnx
 
         ensure_onnx(record)
     return record, created

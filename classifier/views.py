@@ -11,8 +11,8 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from .batches import batch_limits, fetch_urls, submit_batch
-from .fetch import UrlRefused, fetch_image_bytes
+from .batches import batch_limits, fetch_url, fetch_urls, submit_batch
+from .fetch import UrlRefused
 from .forms import BatchForm, ClassifyForm, ThresholdForm, UrlForm
 from .inference import ModelUnavailable
 from .models import ClassifierModel, Prediction
@@ -68,7 +68,7 @@ def classify_url(request: HttpRequest) -> HttpResponse:
     url_form = UrlForm(request.POST, models_queryset=models_queryset)
     if url_form.is_valid():
         try:
-            name, data = fetch_image_bytes(url_form.cleaned_data["url"], max_bytes=settings.WBC_MAX_IMAGE_BYTES)
+            name, data = fetch_url(url_form.cleaned_data["url"])
             prediction = classify_image(request.user, UploadedImage(name, data), url_form.cleaned_data["model"])
         except (UrlRefused, ImageRejected) as exc:
             url_form.add_error("url", str(exc))

@@ -23,11 +23,15 @@ def _threshold(request: HttpRequest) -> float:
 
 
 def batch_list(request: HttpRequest) -> HttpResponse:
-    batches = scoped(Batch.objects.select_related("model", "user"), request.user).annotate(
-        n_items=Count("items"),
-        n_done=Count("items", filter=Q(items__status=BatchItem.Status.DONE)),
-        n_failed=Count("items", filter=Q(items__status=BatchItem.Status.FAILED)),
-    ).order_by("-created_at", "-id")
+    batches = (
+        scoped(Batch.objects.select_related("model", "user"), request.user)
+        .annotate(
+            n_items=Count("items"),
+            n_done=Count("items", filter=Q(items__status=BatchItem.Status.DONE)),
+            n_failed=Count("items", filter=Q(items__status=BatchItem.Status.FAILED)),
+        )
+        .order_by("-created_at", "-id")
+    )
     page = Paginator(batches, 20).get_page(request.GET.get("page"))
     return render(request, "reports/batch_list.html", {"page": page})
 

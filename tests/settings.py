@@ -1,5 +1,6 @@
 """Test settings: the real settings, made fast and isolated."""
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,3 +15,7 @@ STORAGES = {
 SECURE_SSL_REDIRECT = False
 STATIC_ROOT = Path(tempfile.mkdtemp(prefix="wbc-test-static-"))
 WHITENOISE_USE_FINDERS = True
+
+# A file-backed test database, so a real worker process can share it with the test (browser tests).
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wbc-test-{os.getpid()}.sqlite3")}  # noqa: F405

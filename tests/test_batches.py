@@ -131,8 +131,14 @@ def test_zip_with_nested_folders_and_non_images():
     )
     entries = expand_uploads([_upload("slide.zip", data)], LIMITS)
     names = {e.name: e for e in entries}
-    assert set(names) == {"slide.zip/slide/a/cell1.png", "slide.zip/slide/b/deeper/cell2.jpg", "slide.zip/slide/readme.txt"}
-    assert names["slide.zip/slide/readme.txt"].data is None and "not an image" in names["slide.zip/slide/readme.txt"].error
+    assert set(names) == {
+        "slide.zip/slide/a/cell1.png",
+        "slide.zip/slide/b/deeper/cell2.jpg",
+        "slide.zip/slide/readme.txt",
+    }
+    assert (
+        names["slide.zip/slide/readme.txt"].data is None and "not an image" in names["slide.zip/slide/readme.txt"].error
+    )
     assert names["slide.zip/slide/a/cell1.png"].data == image_bytes()
 
 
@@ -184,7 +190,9 @@ def test_batch_page_refuses_too_many_files_with_a_message(tech_client, tiny_reco
     settings.DATA_UPLOAD_MAX_NUMBER_FILES = 2
     settings.WBC_BATCH_MAX_FILES = 2
     files = [_upload(f"c{i}.png", image_bytes()) for i in range(3)]
-    response = tech_client.post(reverse("classifier:batch_new"), {"name": "Too many", "files": files, "model": tiny_record.pk})
+    response = tech_client.post(
+        reverse("classifier:batch_new"), {"name": "Too many", "files": files, "model": tiny_record.pk}
+    )
     assert response.status_code == 400 and "Too many files: at most 2" in response.text
     assert Batch.objects.count() == 0
 
@@ -197,8 +205,12 @@ def test_batch_page_with_nothing_chosen(tech_client, tiny_record):
 def test_batch_url_refusals_become_failed_items(tech_client, tiny_record):
     response = tech_client.post(
         reverse("classifier:batch_new"),
-        {"name": "URLs", "files": [_upload("a.png", image_bytes())], "model": tiny_record.pk,
-         "urls": "http://127.0.0.1/cell.png\nftp://example.org/x.png"},
+        {
+            "name": "URLs",
+            "files": [_upload("a.png", image_bytes())],
+            "model": tiny_record.pk,
+            "urls": "http://127.0.0.1/cell.png\nftp://example.org/x.png",
+        },
     )
     batch = Batch.objects.get()
     assert response.status_code == 302

@@ -1,19 +1,21 @@
 """The real pages in headless Chromium (Debian's package, driven by Playwright)."""
 
 import base64
+import csv
+import io
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from django.urls import reverse
 
 from classifier.inference import file_sha256
-from classifier.models import ClassifierModel, Prediction
-from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes
+from classifier.models import Batch, ClassifierModel, Prediction
+from tests.conftest import REPO, TINY_SIZE, build_tiny_model, image_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-# Playwright's sync API runs an event loop in this thread; the ORM calls here are ordinary sync code.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
 def _chromium() -> str:
@@ -27,6 +29,8 @@ def _chromium() -> str:
 def browser():
     from playwright.sync_api import sync_playwright
 
+    # Playwright's sync API runs an event loop in this thread; the ORM calls here are ordinary sync code.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=_chromium(),
@@ -41,6 +45,7 @@ def browser():
         )
         yield browser
         browser.close()
+    del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
 @pytest.fixture
@@ -68,16 +73,22 @@ def _log_in(page, live_server):
 
 
 def _drop_file(page, selector, name, data, mime):
+    _drop_files(page, selector, [(name, data, mime)])
+
+
+def _drop_files(page, selector, files):
     page.evaluate(
-        """([selector, name, b64, mime]) => {
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        """([selector, files]) => {
             const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], name, {type: mime}));
+            for (const [name, b64, mime] of files) {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, {type: mime}));
+            }
             const zone = document.querySelector(selector);
             zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: transfer, bubbles: true, cancelable: true}));
             zone.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
         }""",
-        [selector, name, base64.b64encode(data).decode(), mime],
+        [selector, [[name, base64.b64encode(data).decode(), mime] for name, data, mime in files]],
     )
 
 
@@ -125,4 +136,64 @@ def test_a_bad_drop_shows_an_alert(browser, live_server, technologist, confident
     page.wait_for_selector("#upload-error")
     assert "notes.png" in page.inner_text("#upload-error")
     assert Prediction.objects.count() == 0
+    page.close()
+
+
+@pytest.fixture
+def worker(settings, models_dir):
+    """The real background worker, as a separate process on the same (file-backed) test database."""
+    from django.db import connection
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "WBC_MODELS_DIR": str(models_dir),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "run_worker"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    yield process
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_batch_drop_several_files_progress_finishes_slider_and_csv(
+    browser, live_server, technologist, confident_model, worker
+):
+    page = browser.new_page()
+    _log_in(page, live_server)
+    page.goto(live_server.url + reverse("classifier:batch_new"))
+    page.fill("#id_name", "Slide 42")
+    page.select_option("#id_model", str(confident_model.pk))
+    files = [(f"cell{i}.png", image_bytes(color=(30 * i, 90, 160)), "image/png") for i in range(4)]
+    files.append(("broken.png", b"not an image", "image/png"))
+    _drop_files(page, "#batch-dropzone", files)
+    assert page.inner_text("#batch-chosen") == "5 files chosen"
+    page.click("#batch-button")
+    page.wait_for_selector("#batch")
+    # the progress bar runs until the worker is done, then the report replaces it by itself
+    page.wait_for_selector("#report-table", timeout=120_000)
+    assert page.inner_text("#batch-status") == "Done"
+    assert page.query_selector("#progress") is None
+    assert page.locator("#report-table tbody tr").count() == 4
+    assert "broken.png" in page.inner_text("body")
+    assert page.inner_text("#review-count") == "0"
+
+    page.fill("#threshold", "0.99")  # every row is below 0.99 with this model: all re-flagged live
+    page.wait_for_function("document.querySelector('#review-count').textContent === '4'")
+    assert page.locator("#report-table tr.needs-review").count() == 4
+
+    with page.expect_download() as download_info:
+        page.click("#csv-link")
+    content = open(download_info.value.path(), encoding="utf-8").read()
+    rows = list(csv.reader(io.StringIO(content)))
+    assert rows[0][:6] == ["filename", "predicted_class", "confidence", "needs_review", "timestamp", "processing_ms"]
+    assert len(rows) == 5 and all(r[3] == "yes" for r in rows[1:])
+    assert Batch.objects.get().status == Batch.Status.DONE
     page.close()

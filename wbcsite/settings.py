@@ -201,6 +201,8 @@ WBC_ONNX_DIR = Path(env_str("WBC_ONNX_DIR", str(BASE_DIR / "var" / "onnx")))
 WBC_BATCH_MAX_FILES = env_int("WBC_BATCH_MAX_FILES", 1000)
 WBC_BATCH_MAX_BYTES = env_int("WBC_BATCH_MAX_BYTES", 1024 * 1024 * 1024)
 WBC_BATCH_MAX_URLS = env_int("WBC_BATCH_MAX_URLS", 50)
+# Host names (not addresses) that may resolve to private addresses, e.g. the lab's own image server.
+WBC_URL_ALLOWED_PRIVATE_HOSTS = frozenset(env_list("WBC_URL_ALLOWED_PRIVATE_HOSTS", []))
 WBC_ZIP_MAX_RATIO = env_int("WBC_ZIP_MAX_RATIO", 100)
 WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
 # A few extra fields beside the files; the batch view reports "too many files" itself.

@@ -1,0 +1,66 @@
+import logging
+
+import numpy as np
+
+from classifier.inference import KerasBackend, OnnxBackend, get_classifier
+from classifier.onnx_export import ensure_onnx, probe_batch
+from classifier.preprocessing import load_pixels
+from tests.conftest import TINY_SIZE, image_bytes
+
+
+def _pixels(n=6):
+    return np.stack([load_pixels(image_bytes(color=(30 * i, 120, 200 - 20 * i)), TINY_SIZE) for i in range(n)])
+
+
+def test_registered_model_is_converted_and_served_by_onnx_runtime(tiny_record, settings, tmp_path):
+    settings.WBC_ONNX_DIR = tmp_path / "onnx"
+    ensure_onnx(tiny_record)
+    tiny_record.refresh_from_db()
+    assert tiny_record.onnx_file_name and tiny_record.onnx_status.startswith("ONNX Runtime")
+    assert (settings.WBC_ONNX_DIR / tiny_record.onnx_file_name).is_file()
+    onnx_classifier = get_classifier(tiny_record.spec())
+    assert isinstance(onnx_classifier.backend, OnnxBackend)
+
+
+def test_onnx_and_tensorflow_agree_within_1e_4(tiny_record, settings, tmp_path):
+    tf_probs = [r.probabilities for r in get_classifier(tiny_record.spec()).predict(_pixels())]
+    settings.WBC_ONNX_DIR = tmp_path / "onnx"
+    ensure_onnx(tiny_record)
+    onnx_classifier = get_classifier(tiny_record.spec())
+    assert isinstance(onnx_classifier.backend, OnnxBackend)
+    onnx_probs = [r.probabilities for r in onnx_classifier.predict(_pixels())]
+    assert np.abs(np.array(onnx_probs) - np.array(tf_probs)).max() <= 1e-4
+
+
+def test_tensorflow_serves_when_there_is_no_onnx_copy(tiny_record):
+    assert isinstance(get_classifier(tiny_record.spec()).backend, KerasBackend)
+
+
+def test_broken_onnx_file_falls_back_to_tensorflow_with_a_logged_reason(tiny_record, settings, tmp_path, caplog):
+    settings.WBC_ONNX_DIR = tmp_path / "onnx"
+    ensure_onnx(tiny_record)
+    (settings.WBC_ONNX_DIR / tiny_record.onnx_file_name).write_bytes(b"not onnx")
+    with caplog.at_level(logging.WARNING):
+        classifier = get_classifier(tiny_record.spec())
+    assert isinstance(classifier.backend, KerasBackend)
+    assert "serving with TensorFlow" in caplog.text
+    assert len(classifier.predict(_pixels(2))) == 2
+
+
+def test_failed_conversion_is_recorded_and_tensorflow_serves(tiny_record, settings, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the ONNX folder should be")
+    settings.WBC_ONNX_DIR = blocker / "onnx"  # the export cannot be written: a real conversion failure
+    with caplog.at_level(logging.WARNING):
+        ensure_onnx(tiny_record)
+    tiny_record.refresh_from_db()
+    assert tiny_record.onnx_file_name == "" and tiny_record.onnx_status.startswith("TensorFlow fallback")
+    assert "serving with TensorFlow" in caplog.text
+    assert isinstance(get_classifier(tiny_record.spec()).backend, KerasBackend)
+
+
+def test_probe_batch_is_deterministic_and_normalised():
+    a = probe_batch((8, 8), {"method": "scale01"})
+    b = probe_batch((8, 8), {"method": "scale01"})
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (8, 8, 8, 3) and 0.0 <= a.min() and a.max() <= 1.0
