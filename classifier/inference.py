@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import apply_temperature
-from .ood import FeatureDistance
+from .ood import OodDetector
 from .preprocessing import Normalization
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Classifier:
                 f"The model file {spec.path.name} does not match its registered checksum "
                 f"(expected {spec.sha256[:12]}…, found {actual[:12]}…); it may be damaged or replaced."
             )
-        self.ood = FeatureDistance.load(spec.ood_path) if spec.ood_path and spec.ood_path.is_file() else None
+        self.ood = OodDetector.load(spec.ood_path) if spec.ood_path and spec.ood_path.is_file() else None
         self._model = None
         self._model_lock = threading.Lock()
         self.backend = self._onnx_backend()
@@ -192,17 +192,18 @@ class Classifier:
         for start in range(0, len(pixels), batch_size):
             raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
             probs = apply_temperature(raw, self.spec.temperature)
-            scores = self.ood.score(features) if self.ood is not None and features is not None else None
+            use_ood = self.ood is not None and features is not None
+            scores = self.ood.score(features) if use_ood else None
+            outliers = self.ood.is_outlier(features) if use_ood else None
             for i, p in enumerate(probs):
                 index = int(np.argmax(p))
-                score = float(scores[i]) if scores is not None else None
                 results.append(
                     Result(
                         probabilities=p,
                         class_index=index,
                         confidence=float(p[index]),
-                        ood_score=score,
-                        is_outlier=bool(score is not None and score > self.ood.threshold),
+                        ood_score=float(scores[i]) if use_ood else None,
+                        is_outlier=bool(outliers[i]) if use_ood else False,
                     )
                 )
         return results

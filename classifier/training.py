@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from . import datasets
 from .metrics import apply_temperature, classification_report, fit_temperature
-from .ood import fit_feature_distance
+from .ood import OodDetector, fit_ood, split_non_wbc
 from .preprocessing import Normalization
 
 ARCHITECTURES = ("enhanced_cnn_v2", "mobilenet_v2_head", "mobilenet_v2_finetuned")
@@ -270,9 +270,11 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     model, normalization, history = result.model, result.normalization, result.history
     train_seconds = time.time() - started
 
-    # Calibration and the out-of-distribution score are fitted on train/validation only.
+    # Calibration and the out-of-distribution detectors are fitted on train/validation (and half of non-WBC).
     temperature = fit_temperature(result.val_probs, y_val)
-    ood = fit_feature_distance(result.train_features, y_train, result.val_features)
+    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
+    non_wbc_features = features_of_paths(model, normalization, non_wbc_fit, size)
+    ood = fit_ood(result.train_features, y_train, result.val_features, non_wbc_features)
     val_probs = result.val_probs
     del x_train
 
@@ -285,21 +287,17 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     # Only now is the test split read, once, through the saved file.
     x_test, y_test = datasets.load_arrays(split["test"], size)
     served = keras.models.load_model(model_path, compile=False)
-    test_features, test_raw = (np.asarray(a) for a in _features_and_probs(served, x_test, normalization))
+    test_features, test_raw = _features_and_probs(served, x_test, normalization)
     test_probs = apply_temperature(test_raw, temperature)
     class_names = list(datasets.WBC_CLASSES)
     report = classification_report(y_test, test_probs, class_names)
     uncalibrated = classification_report(y_test, test_raw, class_names)
     val_report = classification_report(y_val, apply_temperature(val_probs, temperature), class_names)
-
-    ood_eval = {}
-    non_wbc_dir = Path(config.data_dir).parent / "pbc-non-wbc"
-    if non_wbc_dir.is_dir():
-        ood_eval = evaluate_ood(served, normalization, temperature, ood, test_features, test_probs, non_wbc_dir, size)
+    ood_eval = evaluate_ood(served, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size)
+    if ood_eval:
         log(
-            "OOD: non-WBC flagged {non_wbc_flagged_share:.1%}, WBC test flagged {wbc_flagged_share:.1%}".format(
-                **ood_eval
-            )
+            f"OOD: non-WBC (held-out half) flagged {ood_eval['non_wbc_flagged_share']:.1%}, "
+            f"WBC test flagged {ood_eval['wbc_flagged_share']:.1%}"
         )
 
     card = {
@@ -319,13 +317,7 @@ def train(config: TrainConfig, log: Log = print) -> dict:
             "ece_before": uncalibrated["ece"],
             "ece_after": report["ece"],
         },
-        "ood": {
-            "method": ood.describe(),
-            "file": ood_path.name,
-            "sha256": sha256_file(ood_path),
-            "threshold": ood.threshold,
-            **ood_eval,
-        },
+        "ood": ood_card(ood, ood_path, ood_eval),
         "data": {
             "source": "PBC dataset: Acevedo A., Merino A., et al. (2020) 'A dataset of microscopic peripheral blood "
             "cell images for development of automatic recognition systems', Data in Brief 30:105474, "
@@ -376,23 +368,49 @@ def _features_and_probs(model: keras.Model, x: np.ndarray, normalization: Normal
     return np.concatenate(features), np.concatenate(probs)
 
 
-def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_dir, size, threshold=0.85):
-    """Share of non-WBC images flagged for review versus share of WBC test images flagged."""
-    paths = sorted(p for p in Path(non_wbc_dir).rglob("*") if p.suffix.lower() in datasets.IMAGE_SUFFIXES)
-    samples = [datasets.Sample(p, -1) for p in paths]
-    x, _ = datasets.load_arrays(samples, size)
+def non_wbc_halves(non_wbc_dir: Path) -> tuple[list[Path], list[Path]]:
+    if not non_wbc_dir.is_dir():
+        return [], []
+    paths = sorted(p for p in non_wbc_dir.rglob("*") if p.suffix.lower() in datasets.IMAGE_SUFFIXES)
+    return split_non_wbc(paths)
+
+
+def features_of_paths(model, normalization, paths: list[Path], size) -> np.ndarray | None:
+    if not paths:
+        return None
+    x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in paths], size)
+    return _features_and_probs(model, x, normalization)[0]
+
+
+def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=0.85):
+    """Share of held-out non-WBC images flagged for review versus share of WBC test images flagged."""
+    if not non_wbc_paths:
+        return {}
+    x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in non_wbc_paths], size)
     features, raw = _features_and_probs(model, x, normalization)
     probs = apply_temperature(raw, temperature)
-
-    def flagged(feats, p):
-        return (p.max(axis=1) < threshold) | ood.is_outlier(feats)
-
+    kinds = np.array([p.parent.name for p in non_wbc_paths])
+    non_wbc_flagged = (probs.max(axis=1) < threshold) | ood.is_outlier(features)
+    wbc_flagged = (wbc_probs.max(axis=1) < threshold) | ood.is_outlier(wbc_features)
     return {
-        "evaluated_on": f"{len(paths)} images in pbc-non-wbc/ (none used for fitting) and the WBC test split",
-        "non_wbc_flagged_share": float(flagged(features, probs).mean()),
+        "evaluated_on": f"{len(non_wbc_paths)} held-out images of pbc-non-wbc/ and the WBC test split",
+        "threshold": threshold,
+        "non_wbc_flagged_share": float(non_wbc_flagged.mean()),
+        "non_wbc_flagged_by_kind": {k: float(non_wbc_flagged[kinds == k].mean()) for k in sorted(set(kinds))},
         "non_wbc_flagged_by_confidence_only": float((probs.max(axis=1) < threshold).mean()),
-        "wbc_flagged_share": float(flagged(wbc_features, wbc_probs).mean()),
+        "wbc_flagged_share": float(wbc_flagged.mean()),
         "wbc_flagged_by_confidence_only": float((wbc_probs.max(axis=1) < threshold).mean()),
+    }
+
+
+def ood_card(ood: OodDetector, ood_path: Path, ood_eval: dict) -> dict:
+    return {
+        "method": ood.describe(),
+        "file": ood_path.name,
+        "sha256": sha256_file(ood_path),
+        "distance_threshold": ood.distance_threshold,
+        "probability_threshold": ood.probability_threshold if ood.coef is not None else None,
+        **ood_eval,
     }
 
 
@@ -436,16 +454,11 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
         train_data, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks, verbose=0
     )
     checkpoint.unlink(missing_ok=True)
-    served = _uncompiled_copy(model)
+    served = build_enhanced_cnn_v2(config.input_size)  # a fresh, never-compiled copy: no optimizer state saved
+    served.set_weights(model.get_weights())
     train_features, _ = _features_and_probs(served, x_train, normalization)
     val_features, val_probs = _features_and_probs(served, x_val, normalization)
     return TrainResult(served, normalization, history.history, train_features, val_features, val_probs)
-
-
-def _uncompiled_copy(model: keras.Model) -> keras.Model:
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    return clone
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -551,3 +564,65 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     val_features = predict_in_batches(parts.top_features, val_acts, None, batch_size=256)
     val_probs = predict_in_batches(parts.top, val_acts, None, batch_size=256)
     return TrainResult(parts.full, IMAGENET_NORMALIZATION, history, train_features, val_features, val_probs)
+
+
+# --- evaluating a saved model (the evaluate_model and fit_ood commands) ---------------------------
+
+
+def load_card(model_path: Path) -> dict:
+    card_path = model_path.with_suffix(".json")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{card_path} is missing: every model needs its card beside it")
+    return json.loads(card_path.read_text())
+
+
+def evaluate_saved_model(model_path: Path, data_dir: Path, split_name: str, threshold: float = 0.85) -> dict:
+    """Metrics of a saved model on one split of ``data_dir`` (or 'all' of it), through its card's preprocessing."""
+    card = load_card(model_path)
+    normalization = Normalization.from_dict(card["normalization"])
+    class_names = list(card["class_names"])
+    samples = datasets.list_images(data_dir, tuple(class_names))
+    chosen = samples if split_name == "all" else datasets.split_samples(samples)[split_name]
+    x, y = datasets.load_arrays(chosen, tuple(card["input_size"]))
+    model = keras.models.load_model(model_path, compile=False)
+    raw = predict_in_batches(model, x, normalization)
+    probs = apply_temperature(raw, float(card.get("temperature", 1.0)))
+    report = classification_report(y, probs, class_names, threshold)
+    return {"model": model_path.name, "data": str(data_dir), "split": split_name, "metrics": report}
+
+
+def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
+    """Fit the out-of-distribution detectors of an already trained model again and update its card."""
+    card = load_card(model_path)
+    normalization = Normalization.from_dict(card["normalization"])
+    size = tuple(card["input_size"])
+    temperature = float(card.get("temperature", 1.0))
+    split = datasets.split_samples(datasets.list_images(data_dir, tuple(card["class_names"])))
+    model = keras.models.load_model(model_path, compile=False)
+    outputs = {}
+    for name in ("train", "val", "test"):
+        x, y = datasets.load_arrays(split[name], size)
+        features, raw = _features_and_probs(model, x, normalization)
+        outputs[name] = (features, apply_temperature(raw, temperature), y)
+        log(f"features of the {name} split: {features.shape}")
+    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(data_dir).parent / "pbc-non-wbc")
+    ood = fit_ood(
+        outputs["train"][0],
+        outputs["train"][2],
+        outputs["val"][0],
+        features_of_paths(model, normalization, non_wbc_fit, size),
+    )
+    ood_path = (
+        model_path.with_name(card["architecture"] + ".ood.npz")
+        if not card.get("ood")
+        else (model_path.parent / card["ood"]["file"])
+    )
+    ood.save(ood_path)
+    test_features, test_probs, _ = outputs["test"]
+    card["ood"] = ood_card(
+        ood,
+        ood_path,
+        evaluate_ood(model, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size),
+    )
+    model_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return card["ood"]

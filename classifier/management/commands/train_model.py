@@ -1,5 +1,4 @@
 import shlex
-import sys
 from pathlib import Path
 
 from django.conf import settings
@@ -29,6 +28,29 @@ class Command(BaseCommand):
         parser.add_argument("--cache-dir", type=Path, default=None, help="MobileNetV2: keep the activation cache here")
         parser.add_argument("--max-per-class", type=int, default=None, help="subsample for a quick smoke run")
 
+    OPTIONS = (
+        "arch",
+        "data",
+        "out",
+        "epochs",
+        "batch_size",
+        "patience",
+        "seed",
+        "imagenet_weights",
+        "augment_copies",
+        "finetune_epochs",
+        "cache_dir",
+        "max_per_class",
+    )
+
+    def command_line(self, options) -> str:
+        """The command as it ran (recorded in the card), whichever way it was called."""
+        parts = ["python", "manage.py", "train_model"]
+        for name in self.OPTIONS:
+            if options.get(name) is not None:
+                parts += ["--" + name.replace("_", "-"), str(options[name])]
+        return shlex.join(parts)
+
     def handle(self, *args, **options):
         from classifier.training import TrainConfig, train  # TensorFlow loads only when training
 
@@ -47,7 +69,7 @@ class Command(BaseCommand):
             finetune_epochs=options["finetune_epochs"],
             max_per_class=options["max_per_class"],
             cache_dir=options["cache_dir"],
-            command="python manage.py " + shlex.join(sys.argv[1:]),
+            command=self.command_line(options),
         )
 
         def log(message: str) -> None:

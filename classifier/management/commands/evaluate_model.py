@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = "Evaluate a saved model (its card beside it) on an image folder: a table, and JSON if asked."
+
+    def add_arguments(self, parser):
+        parser.add_argument("model", type=Path, help="path of the .keras file (its .json card must be beside it)")
+        parser.add_argument("--data", required=True, type=Path, help="folder with one sub-folder per class")
+        parser.add_argument(
+            "--split",
+            default="test",
+            choices=["train", "val", "test", "all"],
+            help="which part of the deterministic split to use; 'all' for a lab's own folder (default: test)",
+        )
+        parser.add_argument("--threshold", type=float, default=0.85, help="review threshold for the flagged share")
+        parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+
+    def handle(self, *args, **options):
+        from classifier.metrics import format_report
+        from classifier.training import evaluate_saved_model
+
+        if not options["model"].is_file():
+            raise CommandError(f"{options['model']} does not exist")
+        if not options["data"].is_dir():
+            raise CommandError(f"--data {options['data']} is not a folder")
+        try:
+            result = evaluate_saved_model(options["model"], options["data"], options["split"], options["threshold"])
+        except FileNotFoundError as exc:
+            raise CommandError(str(exc)) from exc
+        class_names = list(result["metrics"]["per_class"])
+        self.stdout.write(f"{result['model']} on {result['data']} ({result['split']} split)")
+        self.stdout.write(format_report(result["metrics"], class_names))
+        if options["json"]:
+            options["json"].write_text(json.dumps(result, indent=2) + "\n")
+            self.stdout.write(f"wrote {options['json']}")

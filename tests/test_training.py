@@ -1,0 +1,175 @@
+"""The training pipeline's parts, and the real train/evaluate commands on a tiny generated data set."""
+
+import json
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+from django.core.management import call_command
+
+from classifier import datasets
+from classifier.metrics import apply_temperature, classification_report, expected_calibration_error, fit_temperature
+from classifier.ood import fit_ood, split_non_wbc
+from tests.conftest import image_bytes
+
+CLASS_COLOURS = {
+    "basophil": (80, 40, 140),
+    "eosinophil": (220, 90, 60),
+    "lymphocyte": (60, 60, 200),
+    "monocyte": (150, 120, 190),
+    "neutrophil": (200, 150, 200),
+}
+
+
+def saved_without_optimizer(path) -> bool:
+    """True when a .keras archive carries no optimizer state (nothing to resume from by accident)."""
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as handle, h5py.File(handle) as weights:
+        return "optimizer" not in weights and not json.loads(archive.read("config.json")).get("compile_config")
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    root = tmp_path / "pbc"
+    for name, colour in CLASS_COLOURS.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(8):
+            shade = tuple(min(255, c + 3 * i) for c in colour)
+            (folder / f"{name[:2].upper()}_{i}.jpg").write_bytes(image_bytes(size=(48, 48), fmt="JPEG", color=shade))
+    other = tmp_path / "pbc-non-wbc" / "platelet"
+    other.mkdir(parents=True)
+    for i in range(4):
+        (other / f"PLATELET_{i}.jpg").write_bytes(image_bytes(size=(48, 48), fmt="JPEG", color=(240, 240, 90)))
+    return root
+
+
+def test_split_is_deterministic_stratified_and_disjoint(tiny_dataset):
+    samples = datasets.list_images(tiny_dataset)
+    first, second = datasets.split_samples(samples), datasets.split_samples(list(reversed(samples)))
+    for part in ("train", "val", "test"):
+        assert sorted(s.name for s in first[part]) == sorted(s.name for s in second[part])
+        assert {s.label for s in first[part]} == set(range(5))  # every class in every part
+    names = [s.name for part in first.values() for s in part]
+    assert len(names) == len(set(names)) == 40
+    assert [len(first[p]) for p in ("train", "val", "test")] == [30, 5, 5]
+
+
+def test_missing_class_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="basophil"):
+        datasets.list_images(tmp_path)
+
+
+def test_augmentation_keeps_shape_and_range():
+    from classifier.training import augment_batch
+
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    out = augment_batch(images, np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert not np.allclose(out, images)
+
+
+def test_class_weights_favour_rare_classes():
+    from classifier.training import class_weights
+
+    weights = class_weights(np.array([0] * 10 + [1] * 30), 2)
+    np.testing.assert_allclose(weights, [2.0, 2 / 3])
+
+
+def test_metrics_match_hand_computed_values():
+    labels = np.array([0, 0, 1, 1, 2])
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
+    report = classification_report(labels, probs, ["a", "b", "c"], threshold=0.85)
+    assert report["accuracy"] == pytest.approx(0.8)
+    assert report["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert report["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert report["per_class"]["b"]["recall"] == 1.0
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 1.0) / 3)
+    assert report["flagged_share"] == pytest.approx(0.8)  # only 0.9 is at or above 0.85
+    assert report["roc_auc_ovr"]["c"] == 1.0
+
+
+def test_ece_of_a_perfectly_calibrated_toy_is_zero_and_overconfidence_is_not():
+    labels = np.array([0, 1, 0, 1])
+    assert expected_calibration_error(np.array([[1.0, 0.0], [0.0, 1.0]] * 2), labels) == 0.0
+    overconfident = np.array([[0.99, 0.01], [0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
+    assert expected_calibration_error(overconfident, labels) == pytest.approx(0.24)  # |0.75 - 0.99|
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(4000, 5))
+    true_probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(5, p=p) for p in true_probs])
+    overconfident = apply_temperature(true_probs, 0.5)  # what an overconfident network would output
+    assert fit_temperature(overconfident, labels) == pytest.approx(2.0, rel=0.1)
+
+
+def test_ood_detector_flags_a_separate_cluster_and_few_inliers():
+    rng = np.random.default_rng(0)
+    train = np.concatenate([rng.normal(c * 4, 1, size=(300, 8)) for c in range(3)])
+    labels = np.repeat(np.arange(3), 300)
+    val = np.concatenate([rng.normal(c * 4, 1, size=(100, 8)) for c in range(3)])
+    strangers = rng.normal(-8, 1, size=(60, 8))
+    detector = fit_ood(train, labels, val, strangers[:30])
+    assert detector.is_outlier(strangers[30:]).mean() > 0.9
+    assert detector.is_outlier(val).mean() <= 0.03
+
+
+def test_non_wbc_split_is_per_kind_and_disjoint(tmp_path):
+    paths = [tmp_path / kind / f"{kind}_{i}.jpg" for kind in ("ig", "platelet") for i in range(6)]
+    fit, measure = split_non_wbc(paths)
+    assert len(fit) == len(measure) == 6 and not set(fit) & set(measure)
+    assert sum(p.parent.name == "ig" for p in fit) == 3
+
+
+def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    call_command(
+        "train_model", "--arch", "enhanced_cnn_v2", "--data", str(tiny_dataset), "--epochs", "2", "--out", str(out)
+    )
+    card = json.loads((out / "enhanced_cnn_v2.json").read_text())
+    for key in (
+        "name",
+        "architecture",
+        "file",
+        "sha256",
+        "input_size",
+        "normalization",
+        "class_names",
+        "temperature",
+        "metrics",
+        "data",
+        "trained_with",
+        "calibration",
+        "ood",
+        "limits",
+    ):
+        assert key in card
+    assert card["class_names"] == list(datasets.WBC_CLASSES)
+    assert card["input_size"] == [96, 96] and card["normalization"]["method"] == "zscore"
+    assert card["data"]["split_sizes"] == {"train": 30, "val": 5, "test": 5}
+    assert card["metrics"]["test"]["n"] == 5
+    assert card["trained_with"]["command"].startswith("python manage.py train_model")
+    assert card["ood"]["evaluated_on"].startswith("2 held-out images")
+    from classifier.inference import file_sha256
+
+    assert file_sha256(out / "enhanced_cnn_v2.keras") == card["sha256"]
+    assert saved_without_optimizer(out / "enhanced_cnn_v2.keras")
+    capsys.readouterr()
+    call_command(
+        "evaluate_model",
+        str(out / "enhanced_cnn_v2.keras"),
+        "--data",
+        str(tiny_dataset),
+        "--split",
+        "test",
+        "--json",
+        str(tmp_path / "m.json"),
+    )
+    printed = capsys.readouterr().out
+    assert "accuracy=" in printed and "confusion matrix" in printed
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
