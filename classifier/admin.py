@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.shortcuts import redirect
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from .models import ClassifierModel, Laboratory, Prediction, User
@@ -43,6 +44,10 @@ class ClassifierModelAdmin(LabScopedAdmin):
     search_fields = ["name", "architecture", "sha256"]
     readonly_fields = ["sha256", "card", "created_at", "is_bundled"]
     actions = ["activate", "deactivate"]
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """New models come in through the validated upload page (checks run before anything is stored)."""
+        return redirect("classifier:model_upload")
 
     @admin.action(description="Activate selected models")
     def activate(self, request, queryset):

@@ -92,6 +92,7 @@ def submit_batch(
     external_id: str = "",
     threshold: float | None = None,
     idempotency_key: str = "",
+    normalization: dict | None = None,
 ) -> Batch:
     """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
@@ -105,6 +106,7 @@ def submit_batch(
                 name=name[:200],
                 external_id=external_id[:100],
                 model=model_record,
+                normalization=normalization or {},
                 threshold=threshold if threshold is not None else user.review_threshold,
                 idempotency_key=idempotency_key,
             )
@@ -172,7 +174,7 @@ def process_batch_now(batch_id: int) -> str:
     batch = Batch.objects.select_related("model", "user").get(pk=batch_id)
     record = batch.model
     try:
-        classifier = get_classifier(record.spec())
+        classifier = get_classifier(record.spec(batch.normalization or None))
     except ModelUnavailable as exc:
         Batch.objects.filter(pk=batch_id, lease=lease).update(
             status=Batch.Status.FAILED, error=str(exc), finished_at=timezone.now()
@@ -213,6 +215,7 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 user_id=batch.user_id,
                 model=record,
                 model_version=record.version,
+                normalization=batch.normalization or record.normalization,
                 original_filename=item.original_filename,
                 width=width,
                 height=height,

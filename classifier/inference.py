@@ -8,7 +8,6 @@ never start TensorFlow). The rest of the code sees numpy arrays and plain result
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -114,15 +113,15 @@ def load_keras_model(path: Path):
         raise ModelUnavailable(f"The model file {path.name} could not be loaded: {exc}") from exc
 
 
-class Classifier:
-    """A registered model ready to serve: ONNX Runtime when its export checked out, else TensorFlow.
+class LoadedModel:
+    """A model file loaded for serving: ONNX Runtime when its export checked out, else TensorFlow.
 
-    The Keras model itself is loaded lazily: ONNX serving never needs it, saliency maps do.
+    Loaded once per process per file (see :func:`get_classifier`). The Keras model itself is loaded
+    lazily: ONNX serving never needs it, saliency maps do.
     """
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.normalization = Normalization.from_dict(spec.normalization)
         if not spec.path.is_file():
             raise ModelUnavailable(f"The model file {spec.path.name} is missing from the models folder.")
         actual = file_sha256(spec.path)
@@ -145,9 +144,8 @@ class Classifier:
         elif not self.backend.with_features:
             self.ood = None
         expected = (*spec.input_size, 3)
-        probe = np.zeros((1, *expected), np.float32)
         try:
-            probs, _ = self.backend.run(probe)
+            probs, _ = self.backend.run(np.zeros((1, *expected), np.float32))
         except Exception as exc:
             raise ModelUnavailable(f"{spec.path.name} does not accept {expected} images: {exc}") from exc
         if probs.shape != (1, len(spec.class_names)):
@@ -182,6 +180,21 @@ class Classifier:
                 self._model = model
             return self._model
 
+
+class Classifier:
+    """A loaded model with the preprocessing and calibration of one spec (normalisation may be overridden)."""
+
+    def __init__(self, spec: ModelSpec, loaded: LoadedModel):
+        self.spec = spec
+        self.loaded = loaded
+        self.backend = loaded.backend
+        self.ood = loaded.ood
+        self.normalization = Normalization.from_dict(spec.normalization)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NxHxWx3 (already resized) to normalised float32 model input."""
         return self.normalization.apply(pixels)
@@ -209,29 +222,21 @@ class Classifier:
         return results
 
 
-_cache: dict[tuple[str, str], Classifier] = {}
+_loaded: dict[tuple, LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
 def get_classifier(spec: ModelSpec) -> Classifier:
-    """The process-wide cached classifier for this file, checksum and card settings (loaded once)."""
-    key = (
-        str(spec.path),
-        spec.sha256,
-        json.dumps(spec.normalization, sort_keys=True),
-        spec.class_names,
-        spec.temperature,
-        str(spec.ood_path),
-        str(spec.onnx_path),
-    )
+    """A classifier for ``spec``; the model file behind it is loaded once per process (by path and checksum)."""
+    key = (str(spec.path), spec.sha256, spec.class_names, str(spec.ood_path), str(spec.onnx_path))
     with _cache_lock:
-        classifier = _cache.get(key)
-        if classifier is None:
-            classifier = Classifier(spec)
-            _cache[key] = classifier
-        return classifier
+        loaded = _loaded.get(key)
+        if loaded is None:
+            loaded = LoadedModel(spec)
+            _loaded[key] = loaded
+    return Classifier(spec, loaded)
 
 
 def clear_cache() -> None:
     with _cache_lock:
-        _cache.clear()
+        _loaded.clear()

@@ -11,6 +11,7 @@ from django.db import models
 from .inference import ModelSpec
 
 THRESHOLD_MIN, THRESHOLD_MAX = 0.50, 0.99
+NORMALIZATION_LABELS = {"scale01": "0–1 scaling", "zscore": "Mean–Std z-score"}
 
 
 def threshold_validators() -> list:
@@ -34,6 +35,14 @@ class User(AbstractUser):
 
     laboratory = models.ForeignKey(Laboratory, on_delete=models.PROTECT, related_name="members", null=True)
     review_threshold = models.FloatField(default=settings.WBC_DEFAULT_THRESHOLD, validators=threshold_validators())
+    default_model = models.ForeignKey(
+        "ClassifierModel",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="preselected on the classify and batch pages (the last model used)",
+    )
 
 
 class ClassifierModelQuerySet(models.QuerySet):
@@ -65,6 +74,7 @@ class ClassifierModel(models.Model):
     laboratory = models.ForeignKey(
         Laboratory, null=True, blank=True, on_delete=models.CASCADE, help_text="empty: available to every lab"
     )
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ClassifierModelQuerySet.as_manager()
@@ -78,13 +88,30 @@ class ClassifierModel(models.Model):
 
     @property
     def path(self) -> Path:
-        return Path(settings.WBC_MODELS_DIR) / self.file_name
+        folder = settings.WBC_MODELS_DIR if self.is_bundled else settings.WBC_CUSTOM_MODELS_DIR
+        return Path(folder) / self.file_name
+
+    @property
+    def normalization_label(self) -> str:
+        return NORMALIZATION_LABELS.get(self.normalization.get("method"), "?")
+
+    def choice_label(self) -> str:
+        """What the model dropdowns show: enough to choose between models at a glance."""
+        parts = [self.name, f"{self.input_height}×{self.input_width}"]
+        if self.parameters:
+            parts.append(f"{self.parameters / 1e6:.1f}M params")
+        if self.test_accuracy is not None:
+            parts.append(f"test acc {self.test_accuracy:.1%}")
+        if self.laboratory_id:
+            parts.append("lab model")
+        return " · ".join(parts)
 
     @property
     def input_size(self) -> tuple[int, int]:
         return (self.input_height, self.input_width)
 
-    def spec(self) -> ModelSpec:
+    def spec(self, normalization: dict | None = None) -> ModelSpec:
+        """How to serve this model; ``normalization`` overrides the card's (the user's choice)."""
         ood = Path(settings.WBC_MODELS_DIR) / self.ood_file_name if self.ood_file_name else None
         onnx = Path(settings.WBC_ONNX_DIR) / self.onnx_file_name if self.onnx_file_name else None
         return ModelSpec(
@@ -92,7 +119,7 @@ class ClassifierModel(models.Model):
             path=self.path,
             sha256=self.sha256,
             input_size=self.input_size,
-            normalization=self.normalization,
+            normalization=normalization or self.normalization,
             class_names=tuple(self.class_names),
             temperature=self.temperature,
             ood_path=ood,
@@ -116,6 +143,7 @@ class Prediction(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="predictions")
     model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="predictions")
     model_version = models.CharField(max_length=40)
+    normalization = models.JSONField(default=dict, blank=True, help_text="the normalisation applied")
     image = models.FileField(upload_to=cell_upload_to)
     original_filename = models.CharField(max_length=255)
     width = models.PositiveIntegerField()
@@ -139,6 +167,10 @@ class Prediction(models.Model):
     def needs_review(self, threshold: float) -> bool:
         return self.confidence < threshold or self.is_outlier
 
+    @property
+    def normalization_differs(self) -> bool:
+        return bool(self.normalization) and self.normalization != self.model.normalization
+
     def probability_of(self) -> dict[str, float]:
         return dict(zip(self.model.class_names, self.probabilities, strict=True))
 
@@ -161,6 +193,7 @@ class Batch(models.Model):
     name = models.CharField(max_length=200)
     external_id = models.CharField(max_length=100, blank=True, db_index=True, help_text="LIS sample/accession id")
     model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="batches")
+    normalization = models.JSONField(default=dict, blank=True, help_text="empty: the model's own")
     threshold = models.FloatField(default=settings.WBC_DEFAULT_THRESHOLD, validators=threshold_validators())
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     error = models.TextField(blank=True)

@@ -33,8 +33,13 @@ def read_upload(uploaded_file) -> UploadedImage:
     return UploadedImage(name=name, data=data)
 
 
-def classify_image(user, upload: UploadedImage, model_record: ClassifierModel) -> Prediction:
-    """Decode, classify and store one image. Raises ImageRejected or ModelUnavailable, storing nothing."""
+def classify_image(
+    user, upload: UploadedImage, model_record: ClassifierModel, normalization: dict | None = None
+) -> Prediction:
+    """Decode, classify and store one image. Raises ImageRejected or ModelUnavailable, storing nothing.
+
+    ``normalization`` overrides the model card's (the user's choice on the page); None keeps the card's.
+    """
     image = decode_image(
         upload.data,
         name=upload.name,
@@ -42,7 +47,8 @@ def classify_image(user, upload: UploadedImage, model_record: ClassifierModel) -
         max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
     )
     fmt = _decoded_format(upload.data)
-    classifier = get_classifier(model_record.spec())  # loads once per process; not part of the timing
+    spec = model_record.spec(normalization)
+    classifier = get_classifier(spec)  # the file loads once per process; not part of the timing
     started = time.perf_counter()
     pixels = resize(image, model_record.input_size)
     result = classifier.predict(pixels[None])[0]
@@ -52,6 +58,7 @@ def classify_image(user, upload: UploadedImage, model_record: ClassifierModel) -
         user=user,
         model=model_record,
         model_version=model_record.version,
+        normalization=spec.normalization,
         original_filename=upload.name[:255],
         width=image.width,
         height=image.height,
@@ -69,7 +76,15 @@ def classify_image(user, upload: UploadedImage, model_record: ClassifierModel) -
     except Exception:
         prediction.image.delete(save=False)  # nothing half-stored
         raise
+    remember_model(user, model_record)
     return prediction
+
+
+def remember_model(user, model_record: ClassifierModel) -> None:
+    """The model last used becomes the user's default on the classify and batch pages."""
+    if user.default_model_id != model_record.pk:
+        user.default_model = model_record
+        user.save(update_fields=["default_model"])
 
 
 def _decoded_format(data: bytes) -> str:
@@ -86,7 +101,7 @@ def ensure_saliency(prediction: Prediction, method: str):
     if field:
         return field
     record = prediction.model
-    classifier = get_classifier(record.spec())
+    classifier = get_classifier(record.spec(prediction.normalization or None))
     with prediction.image.open("rb") as handle:
         image = decode_image(handle.read(), name=prediction.original_filename)
     pixels = resize(image, record.input_size)

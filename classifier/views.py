@@ -12,13 +12,15 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from .batches import batch_limits, fetch_url, fetch_urls, submit_batch
+from .custom_models import register_custom_model
 from .fetch import UrlRefused
-from .forms import BatchForm, ClassifyForm, ThresholdForm, UrlForm
+from .forms import BatchForm, ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
 from .inference import ModelUnavailable
+from .model_validation import ModelRejected
 from .models import ClassifierModel, Prediction
 from .preprocessing import ImageRejected
 from .scoping import get_scoped_or_404, scoped
-from .services import UploadedImage, classify_image, ensure_saliency, read_upload
+from .services import UploadedImage, classify_image, ensure_saliency, read_upload, remember_model
 from .uploads import UploadRefused, expand_uploads
 
 SALIENCY_LABELS = {"gradcam": "Grad-CAM", "gradient": "Input gradient"}
@@ -36,13 +38,20 @@ def model_unavailable(request: HttpRequest, error: ModelUnavailable) -> HttpResp
 @permission_required("classifier.add_prediction", raise_exception=True)
 def classify(request: HttpRequest) -> HttpResponse:
     models_queryset = _models_for(request.user)
-    form = ClassifyForm(request.POST or None, request.FILES or None, models_queryset=models_queryset)
+    form = ClassifyForm(
+        request.POST or None,
+        request.FILES or None,
+        models_queryset=models_queryset,
+        default_model=request.user.default_model,
+    )
     status = 200
     if request.method == "POST":
         if form.is_valid():
             try:
                 upload = read_upload(form.cleaned_data["image"])
-                prediction = classify_image(request.user, upload, form.cleaned_data["model"])
+                prediction = classify_image(
+                    request.user, upload, form.cleaned_data["model"], form.cleaned_data["normalization_spec"]
+                )
             except ImageRejected as exc:
                 form.add_error("image", str(exc))
             except ModelUnavailable as exc:
@@ -50,7 +59,8 @@ def classify(request: HttpRequest) -> HttpResponse:
             else:
                 return redirect("classifier:prediction", uid=prediction.uid)
         status = 400
-    return _classify_page(request, form, UrlForm(models_queryset=models_queryset), status)
+    url_form = UrlForm(models_queryset=models_queryset, default_model=request.user.default_model)
+    return _classify_page(request, form, url_form, status)
 
 
 def _classify_page(request, form, url_form, status=200):
@@ -69,14 +79,20 @@ def classify_url(request: HttpRequest) -> HttpResponse:
     if url_form.is_valid():
         try:
             name, data = fetch_url(url_form.cleaned_data["url"])
-            prediction = classify_image(request.user, UploadedImage(name, data), url_form.cleaned_data["model"])
+            prediction = classify_image(
+                request.user,
+                UploadedImage(name, data),
+                url_form.cleaned_data["model"],
+                url_form.cleaned_data["normalization_spec"],
+            )
         except (UrlRefused, ImageRejected) as exc:
             url_form.add_error("url", str(exc))
         except ModelUnavailable as exc:
             return model_unavailable(request, exc)
         else:
             return redirect("classifier:prediction", uid=prediction.uid)
-    return _classify_page(request, ClassifyForm(models_queryset=models_queryset), url_form, status=400)
+    form = ClassifyForm(models_queryset=models_queryset, default_model=request.user.default_model)
+    return _classify_page(request, form, url_form, status=400)
 
 
 @require_http_methods(["GET", "POST"])
@@ -90,7 +106,7 @@ def batch_new(request: HttpRequest) -> HttpResponse:
             files = request.FILES
         except TooManyFilesSent:
             files = None
-        form = BatchForm(request.POST, files, models_queryset=models_queryset)
+        form = BatchForm(request.POST, files, models_queryset=models_queryset, default_model=request.user.default_model)
         if files is None:
             form.add_error(None, f"Too many files: at most {settings.WBC_BATCH_MAX_FILES} per batch.")
         elif form.is_valid():
@@ -100,15 +116,21 @@ def batch_new(request: HttpRequest) -> HttpResponse:
                 if not entries:
                     raise UploadRefused("No files were chosen: add images, a .zip archive or URLs.")
                 batch = submit_batch(
-                    request.user, entries, data["model"], name=data["name"], external_id=data["external_id"]
+                    request.user,
+                    entries,
+                    data["model"],
+                    name=data["name"],
+                    external_id=data["external_id"],
+                    normalization=data["normalization_spec"],
                 )
+                remember_model(request.user, data["model"])
             except UploadRefused as exc:
                 form.add_error(None, str(exc))
             else:
                 return redirect("reports:batch", uid=batch.uid)
         status = 400
     else:
-        form = BatchForm(initial=initial, models_queryset=models_queryset)
+        form = BatchForm(initial=initial, models_queryset=models_queryset, default_model=request.user.default_model)
     limits = batch_limits()
     context = {"form": form, "max_files": limits.max_files, "max_mb": limits.max_total_bytes // (1024 * 1024)}
     return render(request, "classifier/batch_new.html", context, status=status)
@@ -175,3 +197,50 @@ def update_threshold(request: HttpRequest) -> HttpResponse:
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, require_https=request.is_secure()):
         target = "classifier:classify"
     return redirect(target)
+
+
+def model_list(request: HttpRequest) -> HttpResponse:
+    """The models this lab can use: bundled ones with their cards, and the lab's own uploads."""
+    records = scoped(ClassifierModel.objects.select_related("uploaded_by"), request.user).order_by(
+        "-is_bundled", "name", "-created_at"
+    )
+    can_manage = request.user.has_perm("classifier.change_classifiermodel")
+    return render(request, "classifier/model_list.html", {"records": records, "can_manage": can_manage})
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("classifier.add_classifiermodel", raise_exception=True)
+def model_upload(request: HttpRequest) -> HttpResponse:
+    form = CustomModelForm(request.POST or None, request.FILES or None)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                record = register_custom_model(
+                    request.user,
+                    data["file"],
+                    name=data["name"],
+                    class_names=data["class_order"],
+                    normalization=data["normalization_spec"],
+                )
+            except ModelRejected as exc:
+                form.add_error("file", f"{data['file'].name}: {exc}")
+            else:
+                messages.success(request, f"{record} was validated and is ready for your laboratory.")
+                return redirect("classifier:models")
+        status = 400
+    return render(request, "classifier/model_upload.html", {"form": form}, status=status)
+
+
+@require_POST
+@permission_required("classifier.change_classifiermodel", raise_exception=True)
+def model_toggle(request: HttpRequest, pk: int) -> HttpResponse:
+    """Model admins switch their lab's own models on and off (bundled models are managed in the admin)."""
+    record = get_scoped_or_404(ClassifierModel.objects.filter(is_bundled=False), request.user, pk=pk)
+    if record.laboratory_id != request.user.laboratory_id:
+        raise Http404("No model found.")
+    record.is_active = not record.is_active
+    record.save(update_fields=["is_active"])
+    messages.success(request, f"{record} is now {'active' if record.is_active else 'inactive'}.")
+    return redirect("classifier:models")

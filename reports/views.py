@@ -1,17 +1,24 @@
 from __future__ import annotations
 
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.text import slugify
+from django.views.decorators.http import require_http_methods, require_POST
 
 from classifier.batches import recover_stale_batches
-from classifier.models import Batch, BatchItem
+from classifier.models import THRESHOLD_MAX, THRESHOLD_MIN, Batch, BatchItem, ClassifierModel
 from classifier.scoping import get_scoped_or_404, scoped
 
-from .differential import build_differential, report_rows, summary_rows, to_csv
+from .differential import build_differential, excel_safe, report_rows, summary_rows, to_csv
+from .labels import MAX_LABEL_BYTES, LabelFileError
+from .models import EvaluationRun
+from .services import Refused, create_evaluation, rerun_batch
 
 
 def _threshold(request: HttpRequest) -> float:
@@ -84,3 +91,264 @@ def batch_summary_csv(request: HttpRequest, uid) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model"), request.user, uid=uid)
     report = build_differential(batch, _threshold(request))
     return _csv_response(to_csv(summary_rows(report)), f"{slugify(batch.name) or 'batch'}-summary.csv")
+
+
+# --- Evaluation runs: a finished batch scored against uploaded true labels; re-running a batch ------------------
+
+EVALUATION_SUBSETS = [
+    ("all", "All labelled images"),
+    ("confident", "Confident (at/above the threshold, not an outlier)"),
+    ("flagged", "Flagged for review (below the threshold, or an outlier)"),
+]
+PROBLEM_SECTIONS = [
+    ("unknown_classes", "Unknown classes", "Rows whose class is not one of the model's classes (left out)."),
+    ("duplicates", "Duplicate rows", "Files named more than once."),
+    ("invalid_rows", "Incomplete rows", "Rows without a file name or a class (left out)."),
+    ("unmatched_rows", "Files not in this batch", "Rows whose file the batch does not contain (left out)."),
+    ("not_classified", "Labelled images the batch could not classify", "Left out: there is no prediction to score."),
+    ("unlabelled_images", "Classified images without a label", "Not scored: the file has no row for them."),
+]
+FIGURES = {"confusion": "confusion_png", "roc": "roc_png"}
+
+
+class EvaluationUploadForm(forms.Form):
+    """The true labels (any content type: browsers send text/csv, application/vnd.ms-excel, …) and a threshold."""
+
+    labels = forms.FileField(
+        label="True labels (CSV with the columns filename,class)",
+        error_messages={"required": "Choose the CSV file with the true labels (columns filename,class)."},
+    )
+    threshold = forms.FloatField(
+        required=False,
+        min_value=THRESHOLD_MIN,
+        max_value=THRESHOLD_MAX,
+        error_messages={"invalid": "The threshold must be a number between 0.50 and 0.99."},
+    )
+
+
+def _form_error(form: forms.Form) -> str:
+    return " ".join(str(message) for errors in form.errors.values() for message in errors)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("classifier.add_prediction", raise_exception=True)
+def evaluate_batch(request: HttpRequest, uid) -> HttpResponse:
+    """Upload true labels for a finished batch; success shows the new run, a refused file the reason (400)."""
+    batch = get_scoped_or_404(Batch.objects.select_related("model"), request.user, uid=uid)
+    form = EvaluationUploadForm(request.POST, request.FILES) if request.method == "POST" else EvaluationUploadForm()
+    error, status = "", 200
+    if request.method == "POST":
+        if not form.is_valid():
+            error = _form_error(form)
+        elif form.cleaned_data["labels"].size > MAX_LABEL_BYTES:
+            error = f"The label file is too large: at most {MAX_LABEL_BYTES // (1024 * 1024)} MB."
+        else:
+            upload = form.cleaned_data["labels"]
+            try:
+                run = create_evaluation(
+                    request.user, batch, upload.read(), upload.name or "", form.cleaned_data["threshold"]
+                )
+            except (LabelFileError, Refused) as exc:
+                error = str(exc)
+            else:
+                return redirect("reports:evaluation", uid=run.uid)
+        status = 400
+    context = {"batch": batch, "form": form, "error": error}
+    return render(request, "reports/evaluation_upload.html", context, status=status)
+
+
+@require_POST
+@permission_required("classifier.add_prediction", raise_exception=True)
+def rerun(request: HttpRequest, uid) -> HttpResponse:
+    """Run the same stored images through another model as a new batch, so the two can be compared."""
+    batch = get_scoped_or_404(Batch, request.user, uid=uid)
+    model_record = get_scoped_or_404(ClassifierModel.objects.usable(), request.user, pk=request.POST.get("model"))
+    try:
+        new_batch = rerun_batch(request.user, batch, model_record)
+    except Refused as exc:
+        messages.error(request, str(exc))
+        return redirect("reports:batch", uid=batch.uid)
+    messages.success(request, f"The images of “{batch.name}” are queued again with {model_record}.")
+    return redirect("reports:batch", uid=new_batch.uid)
+
+
+def _runs(user):
+    return scoped(EvaluationRun.objects.select_related("batch", "model", "user"), user)
+
+
+def evaluation_list(request: HttpRequest) -> HttpResponse:
+    page = Paginator(_runs(request.user).order_by("-created_at", "-id"), 20).get_page(request.GET.get("page"))
+    return render(request, "reports/evaluation_list.html", {"page": page})
+
+
+def _confusion_rows(report: dict, class_names: list[str]) -> list[dict]:
+    rows = []
+    for name, counts in zip(class_names, report.get("confusion_matrix") or [], strict=False):
+        total = sum(counts)
+        i = len(rows)
+        cells = [{"count": c, "share": c / total if total else 0.0, "diagonal": j == i} for j, c in enumerate(counts)]
+        rows.append({"name": name, "cells": cells, "total": total})
+    return rows
+
+
+def _class_rows(report: dict, class_names: list[str]) -> list[dict]:
+    per_class, auc = report.get("per_class") or {}, report.get("roc_auc_ovr") or {}
+    return [
+        {"name": name, **per_class.get(name, {}), "auc": auc.get(name)} for name in class_names if name in per_class
+    ]
+
+
+def _problem_sections(run: EvaluationRun) -> list[dict]:
+    return [
+        {"key": key, "title": title, "help": help_text, "entries": run.problems.get(key) or []}
+        for key, title, help_text in PROBLEM_SECTIONS
+    ]
+
+
+def evaluation_detail(request: HttpRequest, uid) -> HttpResponse:
+    run = get_scoped_or_404(_runs(request.user), request.user, uid=uid)
+    class_names = run.class_names
+    overall = run.overall
+    subsets = [
+        {"key": key, "title": title, "report": run.metrics.get(key) or {"n": 0}} for key, title in EVALUATION_SUBSETS
+    ]
+    sections = _problem_sections(run)
+    context = {
+        "run": run,
+        "overall": overall,
+        "class_rows": _class_rows(overall, class_names),
+        "confusion_rows": _confusion_rows(overall, class_names),
+        "class_names": class_names,
+        "subsets": subsets,
+        "problem_sections": sections,
+        "problem_total": sum(len(s["entries"]) for s in sections),
+        "misclassified": run.metrics.get("misclassified") or [],
+    }
+    return render(request, "reports/evaluation_detail.html", context)
+
+
+def evaluation_figure(request: HttpRequest, uid, kind: str) -> FileResponse:
+    """A run's figure, through the lab scope (never a public media URL)."""
+    run = get_scoped_or_404(EvaluationRun, request.user, uid=uid)
+    if kind not in FIGURES:
+        raise Http404("Unknown figure.")
+    field = getattr(run, FIGURES[kind])
+    if not field:
+        raise Http404("This run has no such figure.")
+    response = FileResponse(field.open("rb"), content_type="image/png")
+    response["Cache-Control"] = "private, max-age=86400"
+    return response
+
+
+def _delta(a, b):
+    return None if a is None or b is None else b - a
+
+
+def evaluation_compare(request: HttpRequest) -> HttpResponse:
+    """Two runs side by side: model, accuracy, kappa, macro-F1 and F1 per class (B − A)."""
+    a_uid, b_uid = request.GET.get("a"), request.GET.get("b")
+    context: dict = {
+        "choices": _runs(request.user).order_by("-created_at", "-id")[:200],
+        "a_uid": a_uid,
+        "b_uid": b_uid,
+    }
+    if not (a_uid and b_uid):
+        return render(request, "reports/evaluation_compare.html", context)
+    run_a = get_scoped_or_404(_runs(request.user), request.user, uid=a_uid)
+    run_b = get_scoped_or_404(_runs(request.user), request.user, uid=b_uid)
+    all_a, all_b = run_a.overall, run_b.overall
+    names = run_a.class_names + [n for n in run_b.class_names if n not in run_a.class_names]
+    class_rows = []
+    for name in names:
+        f1_a = (all_a.get("per_class") or {}).get(name, {}).get("f1")
+        f1_b = (all_b.get("per_class") or {}).get(name, {}).get("f1")
+        class_rows.append({"name": name, "a": f1_a, "b": f1_b, "delta": _delta(f1_a, f1_b)})
+    summary_rows = [
+        {"label": label, "a": all_a.get(key), "b": all_b.get(key), "delta": _delta(all_a.get(key), all_b.get(key))}
+        for key, label in [
+            ("accuracy", "Accuracy"),
+            ("cohen_kappa", "Cohen's kappa"),
+            ("macro_f1", "Macro F1"),
+            ("weighted_f1", "Weighted F1"),
+            ("ece", "Calibration error (ECE)"),
+        ]
+    ]
+    context.update(
+        {
+            "a": run_a,
+            "b": run_b,
+            "class_rows": class_rows,
+            "summary_rows": summary_rows,
+            "same_labels": run_a.labels_sha256 == run_b.labels_sha256,
+            "same_batch": run_a.batch_id == run_b.batch_id,
+        }
+    )
+    return render(request, "reports/evaluation_compare.html", context)
+
+
+def _download_name(run: EvaluationRun, suffix: str) -> str:
+    return f"evaluation-{slugify(run.batch.name) or 'batch'}-{run.uid.hex[:8]}-{suffix}"
+
+
+def evaluation_metric_rows(run: EvaluationRun):
+    """Long (tidy) rows: subset, class, metric, value; subset "run" describes the run itself."""
+    yield ["subset", "class", "metric", "value"]
+    described = [
+        ("batch", run.batch.name),
+        ("model", run.model.name),
+        ("model_version", run.model_version),
+        ("threshold", f"{run.threshold:.2f}"),
+        ("labels_file", run.labels_filename),
+        ("labels_sha256", run.labels_sha256),
+        ("n_labelled", str(run.n_labelled)),
+        ("created_at", run.created_at.isoformat(timespec="seconds")),
+    ]
+    for metric, value in described:
+        yield ["run", "", metric, excel_safe(value)]
+    class_names = run.class_names
+    for subset, _ in EVALUATION_SUBSETS:
+        report = run.metrics.get(subset) or {"n": 0}
+        yield [subset, "", "n", str(report.get("n", 0))]
+        if not report.get("n"):
+            continue
+        for metric in ("accuracy", "cohen_kappa", "macro_f1", "weighted_f1", "ece", "flagged_share"):
+            value = report.get(metric)
+            yield [subset, "", metric, "" if value is None else f"{value:.4f}"]
+        for name in class_names:
+            values = (report.get("per_class") or {}).get(name, {})
+            for metric in ("precision", "recall", "f1"):
+                yield [subset, name, metric, f"{values.get(metric, 0.0):.4f}"]
+            yield [subset, name, "support", str(values.get("support", 0))]
+            auc = (report.get("roc_auc_ovr") or {}).get(name)
+            yield [subset, name, "roc_auc", "" if auc is None else f"{auc:.4f}"]
+        for average in ("macro_avg", "weighted_avg"):
+            for metric in ("precision", "recall", "f1"):
+                yield [subset, average, metric, f"{(report.get(average) or {}).get(metric, 0.0):.4f}"]
+        for name, counts in zip(class_names, report.get("confusion_matrix") or [], strict=False):
+            for predicted, count in zip(class_names, counts, strict=False):
+                yield [subset, name, f"predicted_as_{predicted}", str(count)]
+
+
+def evaluation_csv(request: HttpRequest, uid) -> HttpResponse:
+    run = get_scoped_or_404(_runs(request.user), request.user, uid=uid)
+    return _csv_response(to_csv(evaluation_metric_rows(run)), _download_name(run, "metrics.csv"))
+
+
+def evaluation_json(request: HttpRequest, uid) -> JsonResponse:
+    run = get_scoped_or_404(_runs(request.user), request.user, uid=uid)
+    payload = {
+        "uid": str(run.uid),
+        "batch": {"uid": str(run.batch.uid), "name": run.batch.name},
+        "model": {"name": run.model.name, "version": run.model_version},
+        "threshold": run.threshold,
+        "created_at": run.created_at.isoformat(timespec="seconds"),
+        "user": run.user.get_username(),
+        "labels_filename": run.labels_filename,
+        "labels_sha256": run.labels_sha256,
+        "n_labelled": run.n_labelled,
+        "metrics": run.metrics,
+        "problems": run.problems,
+    }
+    response = JsonResponse(payload, json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "metrics.json")}"'
+    return response

@@ -102,6 +102,7 @@ def tiny_record(db, models_dir):
         normalization={"method": "scale01"},
         class_names=list(WBC_CLASSES),
         temperature=1.0,
+        is_bundled=True,
     )
 
 

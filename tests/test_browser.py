@@ -53,6 +53,7 @@ def confident_model(models_dir):
     build_tiny_model(models_dir / "confident.keras", favour=4)
     return ClassifierModel.objects.create(
         name="Confident tiny",
+        is_bundled=True,
         version="1",
         architecture="tiny",
         file_name="confident.keras",

@@ -29,7 +29,7 @@ def test_batched_and_single_predictions_agree(tiny_record):
 
 
 def test_model_loads_once_per_process(tiny_record):
-    assert get_classifier(tiny_record.spec()) is get_classifier(tiny_record.spec())
+    assert get_classifier(tiny_record.spec()).loaded is get_classifier(tiny_record.spec()).loaded
 
 
 def test_temperature_is_applied(tiny_record):

@@ -135,7 +135,39 @@
     });
   }
 
+  // Model and normalisation dropdowns: show the card's z-score defaults, warn on a mismatch.
+  function setupModelFields() {
+    document.querySelectorAll("[data-model-fields]").forEach((fieldset) => {
+      const model = fieldset.querySelector("select[name=model]");
+      const method = fieldset.querySelector("select[name=normalization]");
+      const mean = fieldset.querySelector("input[name=norm_mean]");
+      const std = fieldset.querySelector("input[name=norm_std]");
+      const zscore = fieldset.querySelector("[data-zscore-fields]");
+      const warning = fieldset.querySelector("[data-norm-warning]");
+      if (!model || !method) return;
+      const own = () => {
+        const option = model.options[model.selectedIndex];
+        try { return JSON.parse(option.dataset.normalization || "{}"); } catch (e) { return {}; }
+      };
+      const update = (modelChanged) => {
+        const card = own();
+        const chosen = method.value || card.method;
+        zscore.hidden = chosen !== "zscore";
+        if (chosen === "zscore" && (modelChanged || !mean.value)) {
+          const m = card.method === "zscore" ? card.mean : [127.5, 127.5, 127.5];
+          const s = card.method === "zscore" ? card.std : [127.5, 127.5, 127.5];
+          mean.value = m.join(", "); std.value = s.join(", ");
+        }
+        warning.hidden = !method.value || method.value === card.method;
+      };
+      model.addEventListener("change", () => update(true));
+      method.addEventListener("change", () => update(false));
+      update(false);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    setupModelFields();
     setupTally();
     setupDropzone();
     setupBatchDropzone();
