@@ -1,0 +1,259 @@
+"""Batch throughput: raw in-process inference versus the whole platform over HTTP.
+
+    python benchmarks/batch_throughput.py [--model mobilenet_v2_finetuned] [--images 100] [--data ../shared/data/pbc]
+
+(a) the same N real PBC JPEGs (360x363) decoded, resized and classified in this process in batches of 32,
+    through ONNX Runtime and through TensorFlow ``predict_on_batch`` (the baseline), and
+(b) the same images uploaded as one batch to a running gunicorn web server and background worker (fresh
+    SQLite database and media folder), timed from the upload until the report is complete.
+
+Prints images/s for each, the ratio of (b) to the faster raw path, and the peak RSS of the web and worker
+processes. Without the data folder it uses realistic generated 360x363 JPEG smears instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def load_images(data: Path, n: int) -> list[tuple[str, bytes]]:
+    if data.is_dir():
+        from classifier import datasets
+
+        test_split = datasets.split_samples(datasets.list_images(data))["test"]
+        chosen = test_split[:: max(1, len(test_split) // n)][:n]
+        return [(s.name, s.path.read_bytes()) for s in chosen]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        pixels = rng.normal((225, 190, 200), 12, size=(363, 360, 3))
+        yy, xx = np.mgrid[0:363, 0:360]
+        pixels[(yy - 180) ** 2 + (xx - 180) ** 2 < 70**2] = (120, 60, 150)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=92)
+        images.append((f"synthetic_{i}.jpg", buffer.getvalue()))
+    return images
+
+
+def raw_paths(card_path: Path, images: list[tuple[str, bytes]], onnx_dir: Path) -> dict[str, float]:
+    """images/s for decode + resize + normalise + classify, in batches of 32."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from classifier.inference import KerasBackend, OnnxBackend, load_keras_model
+    from classifier.onnx_export import export_onnx
+    from classifier.preprocessing import Normalization, load_pixels
+
+    card = json.loads(card_path.read_text())
+    size = tuple(card["input_size"])
+    normalization = Normalization.from_dict(card["normalization"])
+    model_path = card_path.parent / card["file"]
+    onnx_path = onnx_dir / "bench.onnx"
+    export_onnx(model_path, onnx_path, size, card["normalization"])
+    backends = {
+        "TensorFlow predict_on_batch": KerasBackend(load_keras_model(model_path), with_features=True),
+        "ONNX Runtime": OnnxBackend(onnx_path),
+    }
+    results = {}
+    for name, backend in backends.items():
+        backend.run(np.zeros((2, *size, 3), np.float32))  # warm-up
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for start in range(0, len(images), 32):
+                chunk = images[start : start + 32]
+                pixels = np.stack(list(pool.map(lambda item: load_pixels(item[1], size), chunk)))
+                backend.run(normalization.apply(pixels))
+        results[name] = len(images) / (time.perf_counter() - started)
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a process and its children, in MB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text())
+        except OSError:
+            continue
+        if match:
+            total += int(match.group(1))
+    return total / 1024
+
+
+def end_to_end(images: list[tuple[str, bytes]], model_name: str, workdir: Path) -> tuple[float, float, float]:
+    import requests
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
+        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+        "MEDIA_ROOT": str(workdir / "media"),
+        "WBC_ONNX_DIR": str(workdir / "onnx"),
+        "SECRET_KEY": "benchmark-only-" + "x" * 50,
+        "AXES_ENABLED": "0",
+        "LOG_LEVEL": "WARNING",
+    }
+    python = sys.executable
+
+    def manage(*args: str) -> str:
+        return subprocess.run(
+            [python, "manage.py", *args], cwd=REPO, env=env, check=True, capture_output=True, text=True
+        ).stdout
+
+    manage("migrate", "--noinput")
+    manage("register_models")
+    manage(
+        "shell",
+        "-c",
+        "from classifier.models import *; from django.contrib.auth.models import Group;"
+        "lab=Laboratory.objects.create(name='Bench');"
+        "u=User.objects.create_user('bench', password='bench-password-123', laboratory=lab);"
+        "u.groups.add(Group.objects.get(name='Technologist'))",
+    )
+    model_id = manage(
+        "shell",
+        "-c",
+        f"from classifier.models import ClassifierModel as M; print(M.objects.get(architecture='{model_name}').pk)",
+    ).strip()
+    port = free_port()
+    web = subprocess.Popen(
+        [
+            python,
+            "-m",
+            "gunicorn",
+            "wbcsite.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "4",
+            "--timeout",
+            "300",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    worker = subprocess.Popen(
+        [python, "manage.py", "run_worker"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        session = requests.Session()
+        for _ in range(120):
+            try:
+                session.get(f"{base}/accounts/login/", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        session.post(
+            f"{base}/accounts/login/",
+            data={
+                "username": "bench",
+                "password": "bench-password-123",
+                "csrfmiddlewaretoken": session.cookies["csrftoken"],
+            },
+            headers={"Referer": f"{base}/accounts/login/"},
+        )
+        # Warm both processes (model load, ONNX session) so the timing is the steady state a lab sees.
+        warm = images[:2]
+        for batch_images in (warm, images):
+            page = session.get(f"{base}/batches/new/")
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+            started = time.perf_counter()
+            response = session.post(
+                f"{base}/batches/new/",
+                data={"name": "bench", "model": model_id, "csrfmiddlewaretoken": token, "urls": ""},
+                files=[("files", (name, data, "image/jpeg")) for name, data in batch_images],
+                headers={"Referer": f"{base}/batches/new/"},
+                allow_redirects=False,
+            )
+            status_url = base + response.headers["Location"] + "status.json"
+            while True:
+                status = session.get(status_url).json()
+                if status["status"] in ("done", "failed"):
+                    break
+                time.sleep(0.1)
+            elapsed = time.perf_counter() - started
+            assert status["done"] == len(batch_images), status
+        return len(images) / elapsed, peak_rss_mb(web.pid), peak_rss_mb(worker.pid)
+    finally:
+        for process in (web, worker):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenet_v2_finetuned")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pbc")
+    args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "wbcsite.settings")
+    import django
+
+    django.setup()
+    images = load_images(args.data, args.images)
+    source = "real PBC test-split JPEGs" if args.data.is_dir() else "generated 360x363 JPEGs"
+    workdir = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
+    try:
+        raw = raw_paths(REPO / "models" / f"{args.model}.json", images, workdir)
+        e2e, web_rss, worker_rss = end_to_end(images, args.model, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    fastest = max(raw.values())
+    print(f"\n{len(images)} {source}, model {args.model}, {os.cpu_count()} CPU cores\n")
+    print(f"{'path':<44}{'images/s':>10}{'ms/image':>10}{'vs fastest raw':>16}")
+    rows = [(f"(a) raw, in-process: {name}", value) for name, value in raw.items()]
+    rows.append(("(b) end to end: HTTP upload -> worker -> report", e2e))
+    for name, value in rows:
+        print(f"{name:<44}{value:>10.1f}{1000 / value:>10.1f}{value / fastest:>15.2f}x")
+    baseline = raw["TensorFlow predict_on_batch"]
+    print(f"\nONNX Runtime vs TensorFlow predict_on_batch: {raw['ONNX Runtime'] / baseline:.2f}x")
+    print(f"end-to-end / fastest raw path: {e2e / fastest:.2f} (goal >= 0.8)")
+    print(f"peak RSS: web (gunicorn, 1 worker) {web_rss:.0f} MB, background worker {worker_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
