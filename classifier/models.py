@@ -168,6 +168,10 @@ class Prediction(models.Model):
         return self.confidence < threshold or self.is_outlier
 
     @property
+    def normalization_label(self) -> str:
+        return NORMALIZATION_LABELS.get((self.normalization or self.model.normalization).get("method"), "?")
+
+    @property
     def normalization_differs(self) -> bool:
         return bool(self.normalization) and self.normalization != self.model.normalization
 

@@ -63,7 +63,7 @@ class ParsedLabels:
     unknown_classes: list[RowProblem] = field(default_factory=list)
     duplicates: list[DuplicateProblem] = field(default_factory=list)
     invalid_rows: list[RowProblem] = field(default_factory=list)
-    # file names that are in the file but have no usable label (unknown class, conflicting duplicates)
+    # file names in the file without a usable label (unknown class, conflicting duplicates, no class)
     unusable_filenames: list[str] = field(default_factory=list)
 
 
@@ -167,6 +167,7 @@ def parse_label_csv(data: bytes, class_names: Sequence[str]) -> ParsedLabels:
 
     parsed = ParsedLabels(labels=[], class_names=list(class_names), delimiter=delimiter, n_rows=len(rows))
     parsed.invalid_rows = invalid
+    parsed.unusable_filenames = [p["filename"] for p in invalid if p["filename"]]
     by_file: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for row_number, filename, value in rows:
         by_file[filename].append((row_number, value))
@@ -176,7 +177,7 @@ def parse_label_csv(data: bytes, class_names: Sequence[str]) -> ParsedLabels:
                     "row": row_number,
                     "filename": filename,
                     "value": value,
-                    "detail": f"“{value}” is not one of the model's classes ({known})",
+                    "detail": f"not one of the model's classes ({known})",
                 }
             )
     for filename, entries in by_file.items():
@@ -198,7 +199,7 @@ def parse_label_csv(data: bytes, class_names: Sequence[str]) -> ParsedLabels:
             )
         if usable:
             parsed.labels.append(LabelRow(entries[0][0], filename, resolved.pop()))
-        else:
+        elif filename not in parsed.unusable_filenames:
             parsed.unusable_filenames.append(filename)
     return parsed
 

@@ -14,7 +14,7 @@ from PIL import Image
 from classifier.batches import submit_batch
 from classifier.models import Batch, BatchItem, ClassifierModel, Prediction, User
 from classifier.uploads import NamedBytes
-from reports import figures, services
+from reports import services
 from reports.figures import confusion_matrix_png, roc_curves_png
 from reports.labels import LabelFileError, match_labels, parse_label_csv
 from reports.models import EvaluationRun
@@ -38,19 +38,6 @@ KNOWN_CSV = ("filename,class\n" + "".join(f"{name},{true}\n" for name, *_, true 
 
 def _csv(*rows: str, header: str = "filename,class", newline: str = "\n") -> bytes:
     return newline.join([header, *rows, ""]).encode()
-
-
-@pytest.fixture
-def real_figures():
-    """Ask for this to draw the figures with matplotlib; other tests get a stub PNG (drawing is slow on CI)."""
-
-
-@pytest.fixture(autouse=True)
-def _fast_figures(request, monkeypatch):
-    if "real_figures" not in request.fixturenames:
-        stub = image_bytes(size=(8, 8))
-        monkeypatch.setattr(figures, "confusion_matrix_png", lambda *args, **kwargs: stub)
-        monkeypatch.setattr(figures, "roc_curves_png", lambda *args, **kwargs: stub)
 
 
 @pytest.fixture
@@ -167,6 +154,7 @@ def test_rows_without_a_file_name_or_class_are_reported():
         (3, "no file name on this row"),
         (4, "no class on this row"),
     ]
+    assert parsed.unusable_filenames == ["c.png"]  # so c.png is not reported again as an unlabelled image
 
 
 # --- parsing: what is refused -----------------------------------------------------------------------------------
@@ -341,7 +329,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return image.size
 
 
-def test_stored_figures_are_valid_pngs_of_sensible_size(real_figures, known_run):
+def test_stored_figures_are_valid_pngs_of_sensible_size(known_run):
     for field in (known_run.confusion_png, known_run.roc_png):
         with field.open("rb") as handle:
             width, height = _png_size(handle.read())
@@ -403,7 +391,7 @@ def test_run_page_lists_every_kind_of_problem(tech_client, technologist, known_b
     assert "platelet" in page and "ghost.png" in page and "rows 2, 3" in page
 
 
-def test_figures_are_served_through_the_lab_scoped_view(real_figures, tech_client, client, outsider, known_run):
+def test_figures_are_served_through_the_lab_scoped_view(tech_client, client, outsider, known_run):
     url = reverse("reports:evaluation_figure", args=[known_run.uid, "roc"])
     response = tech_client.get(url)
     assert response.status_code == 200 and response["Content-Type"] == "image/png"
@@ -492,6 +480,21 @@ def test_posting_needs_the_classify_permission(client, lab_a, known_batch, tiny_
     assert client.post(reverse("reports:rerun", args=[known_batch.uid]), {"model": tiny_record.pk}).status_code == 403
 
 
+def test_rerun_form_redirects_to_the_new_batch(
+    tech_client, known_batch, tiny_record, django_capture_on_commit_callbacks
+):
+    other = _copy_model(tiny_record, name="Other CNN")
+    known_batch.items.filter(status=BatchItem.Status.DONE).update(image="batches/cell.png")
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = tech_client.post(reverse("reports:rerun", args=[known_batch.uid]), {"model": other.pk})
+    new_batch = Batch.objects.exclude(pk=known_batch.pk).get()
+    assert response.status_code == 302 and response.url == reverse("reports:batch", args=[new_batch.uid])
+    assert new_batch.name == "Known slide · Other CNN" and new_batch.items.count() == 7
+    assert len(callbacks) == 1  # the enqueue, once committed
+    assert new_batch.status == Batch.Status.QUEUED and new_batch.items.filter(status="pending").count() == 6
+    assert new_batch.items.get(original_filename="broken.jpg").status == BatchItem.Status.FAILED
+
+
 def test_rerun_refuses_the_batch_own_model(tech_client, known_batch, tiny_record):
     response = tech_client.post(
         reverse("reports:rerun", args=[known_batch.uid]), {"model": tiny_record.pk}, follow=True
@@ -530,3 +533,9 @@ def test_rerun_uses_the_same_files_and_the_worker_classifies_every_image(technol
     assert done.count() == 3
     assert all(item.prediction.model == other and item.prediction.image.name == item.image.name for item in done)
     assert original.items.filter(prediction__isnull=False).count() == 3  # the first run is untouched
+
+
+def test_anonymous_visitors_are_sent_to_log_in(client, known_run):
+    for url in (reverse("reports:evaluations"), reverse("reports:evaluation", args=[known_run.uid])):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith(reverse("login"))

@@ -82,6 +82,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "axes",
     "django_tasks_db",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "classifier",
     "reports",
 ]
@@ -236,4 +239,69 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"axes": {"level": "WARNING"}},
+}
+
+# --- REST API for the laboratory information system (LIS): /api/v1/ ------------------------------------------------
+# Per-user API tokens (Authorization: Token <key>, or Bearer) and the browser session; every endpoint needs one.
+# Rates are per token (per user for sessions): "<n>/<second|minute|hour|day>". Classify/submit/labels also count
+# against the lower submit rate. Throttle counters live in their own cache, shared by the gunicorn workers of one
+# machine (a file cache by default); WBC_API_THROTTLE_CACHE_DIR moves it.
+WBC_API_RATE = env_str("WBC_API_RATE", "120/min")
+WBC_API_SUBMIT_RATE = env_str("WBC_API_SUBMIT_RATE", "20/min")
+WBC_API_PAGE_SIZE = env_int("WBC_API_PAGE_SIZE", 25)
+WBC_API_MAX_TOKENS_PER_USER = env_int("WBC_API_MAX_TOKENS_PER_USER", 20)
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "api_throttle": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": env_str("WBC_API_THROTTLE_CACHE_DIR", str(BASE_DIR / "var" / "cache" / "api-throttle")),
+        "OPTIONS": {"MAX_ENTRIES": 10_000},
+    },
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "classifier.authentication.ApiTokenAuthentication",  # first: a missing token is a 401 with WWW-Authenticate
+        "rest_framework.authentication.SessionAuthentication",  # the browser (Swagger UI); CSRF enforced
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["classifier.authentication.IsLabMember"],
+    "DEFAULT_THROTTLE_CLASSES": ["classifier.authentication.ApiRateThrottle"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "classifier.api.PagePagination",
+    "PAGE_SIZE": WBC_API_PAGE_SIZE,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "classifier.authentication.api_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "WBC Classifier API",
+    "DESCRIPTION": (
+        "The REST API the laboratory information system (LIS) uses to classify white-blood-cell images, submit "
+        "batches (slides), read their differential and attach true labels. Authenticate with "
+        "`Authorization: Token <key>` (a key from /account/tokens/). Every object belongs to your laboratory. "
+        'Errors are `{"error": {"code", "message", "details"}}`.'
+    ),
+    "VERSION": "1.0.0",
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",  # no internet at run time: the UI's assets are served from our static files
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": False},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "classifier.api.document_error_responses",
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "BatchStatusEnum": "classifier.models.Batch.Status",
+        "ItemStatusEnum": "classifier.models.BatchItem.Status",
+    },
 }
