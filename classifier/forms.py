@@ -37,6 +37,16 @@ def _triplet(text: str, label: str) -> tuple[float, float, float]:
     return values
 
 
+def zscore_spec(mean_text: str, std_text: str) -> dict:
+    """A validated z-score normalisation from two 'r, g, b' texts."""
+    spec = {"method": "zscore", "mean": list(_triplet(mean_text, "Mean")), "std": list(_triplet(std_text, "Std"))}
+    try:
+        Normalization.from_dict(spec)
+    except ValueError as exc:
+        raise forms.ValidationError(str(exc)) from exc
+    return spec
+
+
 class ModelAndNormalizationForm(forms.Form):
     """The model dropdown and the normalisation dropdown (default: the model's own, from its card)."""
 
@@ -64,12 +74,7 @@ class ModelAndNormalizationForm(forms.Form):
         own = self.cleaned_data["model"].normalization
         mean = self.cleaned_data.get("norm_mean") or ", ".join(str(v) for v in own.get("mean", [127.5] * 3))
         std = self.cleaned_data.get("norm_std") or ", ".join(str(v) for v in own.get("std", [127.5] * 3))
-        spec = {"method": "zscore", "mean": list(_triplet(mean, "Mean")), "std": list(_triplet(std, "Std"))}
-        try:
-            Normalization.from_dict(spec)
-        except ValueError as exc:
-            raise forms.ValidationError(str(exc)) from exc
-        return spec
+        return zscore_spec(mean, std)
 
     def clean(self):
         cleaned = super().clean()
@@ -151,16 +156,7 @@ class CustomModelForm(forms.Form):
     def normalization_spec(self) -> dict:
         if self.cleaned_data["normalization"] == "scale01":
             return {"method": "scale01"}
-        spec = {
-            "method": "zscore",
-            "mean": list(_triplet(self.cleaned_data.get("norm_mean") or "", "Mean")),
-            "std": list(_triplet(self.cleaned_data.get("norm_std") or "", "Std")),
-        }
-        try:
-            Normalization.from_dict(spec)
-        except ValueError as exc:
-            raise forms.ValidationError(str(exc)) from exc
-        return spec
+        return zscore_spec(self.cleaned_data.get("norm_mean") or "", self.cleaned_data.get("norm_std") or "")
 
     def clean(self):
         cleaned = super().clean()

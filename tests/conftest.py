@@ -171,3 +171,46 @@ def _fresh_classifier_cache():
 
     clear_cache()
     yield
+
+
+def make_known_batch(user, record, rows, *, name="Known slide", failed_error="damaged"):
+    """A finished batch with known predictions (no model run): rows of (file name, class index, confidence,
+    is_outlier); confidence goes to the class, the rest is shared equally. Plus one failed file."""
+    from classifier.models import Batch, BatchItem, Prediction
+
+    batch = Batch.objects.create(
+        laboratory=user.laboratory, user=user, name=name, model=record, status=Batch.Status.DONE, threshold=0.85
+    )
+    for position, (file_name, index, confidence, outlier) in enumerate(rows):
+        probabilities = [round((1 - confidence) / 4, 6)] * 5
+        probabilities[index] = confidence
+        prediction = Prediction.objects.create(
+            laboratory=batch.laboratory,
+            user=user,
+            model=record,
+            model_version="1",
+            image="cells/x.png",
+            original_filename=file_name,
+            width=10,
+            height=10,
+            predicted_class=WBC_CLASSES[index],
+            confidence=confidence,
+            probabilities=probabilities,
+            is_outlier=outlier,
+            processing_ms=10.0 + position,
+        )
+        BatchItem.objects.create(
+            batch=batch,
+            position=position,
+            original_filename=file_name,
+            prediction=prediction,
+            status=BatchItem.Status.DONE,
+        )
+    BatchItem.objects.create(
+        batch=batch,
+        position=len(rows) + 3,
+        original_filename="broken.jpg",
+        status=BatchItem.Status.FAILED,
+        error=failed_error,
+    )
+    return batch

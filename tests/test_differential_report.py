@@ -4,8 +4,9 @@ import io
 import pytest
 from django.urls import reverse
 
-from classifier.models import Batch, BatchItem, Prediction
+from classifier.models import Batch
 from reports.differential import REPORT_COLUMNS, build_differential, excel_safe
+from tests.conftest import make_known_batch
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
@@ -13,13 +14,6 @@ CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 @pytest.fixture
 def known_batch(technologist, tiny_record):
     """6 classified images (3 neutrophil, 2 lymphocyte, 1 eosinophil) and one failed file."""
-    batch = Batch.objects.create(
-        laboratory=technologist.laboratory,
-        user=technologist,
-        name="Known slide",
-        model=tiny_record,
-        status=Batch.Status.DONE,
-    )
     rows = [
         ("n1.png", 4, 0.99, False),
         ("n2.png", 4, 0.90, False),
@@ -28,35 +22,9 @@ def known_batch(technologist, tiny_record):
         ("l2.png", 2, 0.97, True),  # confident but an outlier: needs review
         ("e1.png", 1, 0.60, False),  # needs review
     ]
-    for position, (name, index, confidence, outlier) in enumerate(rows):
-        probabilities = [round((1 - confidence) / 4, 6)] * 5
-        probabilities[index] = confidence
-        prediction = Prediction.objects.create(
-            laboratory=batch.laboratory,
-            user=technologist,
-            model=tiny_record,
-            model_version="1",
-            image="cells/x.png",
-            original_filename=name,
-            width=10,
-            height=10,
-            predicted_class=CLASSES[index],
-            confidence=confidence,
-            probabilities=probabilities,
-            is_outlier=outlier,
-            processing_ms=10.0 + position,
-        )
-        BatchItem.objects.create(
-            batch=batch, position=position, original_filename=name, prediction=prediction, status=BatchItem.Status.DONE
-        )
-    BatchItem.objects.create(
-        batch=batch,
-        position=9,
-        original_filename="broken.jpg",
-        status=BatchItem.Status.FAILED,
-        error="broken.jpg: the image is damaged or truncated.",
+    return make_known_batch(
+        technologist, tiny_record, rows, failed_error="broken.jpg: the image is damaged or truncated."
     )
-    return batch
 
 
 def test_tallies_and_percentages_on_a_known_set(known_batch):

@@ -12,14 +12,14 @@ from django.urls import reverse
 from PIL import Image
 
 from classifier.batches import submit_batch
-from classifier.models import Batch, BatchItem, ClassifierModel, Prediction, User
+from classifier.models import Batch, BatchItem, ClassifierModel, User
 from classifier.uploads import NamedBytes
 from reports import services
 from reports.figures import confusion_matrix_png, roc_curves_png
 from reports.labels import LabelFileError, match_labels, parse_label_csv
 from reports.models import EvaluationRun
 from reports.services import Refused, create_evaluation, rerun_batch
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, make_known_batch
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
@@ -43,39 +43,7 @@ def _csv(*rows: str, header: str = "filename,class", newline: str = "\n") -> byt
 @pytest.fixture
 def known_batch(technologist, tiny_record):
     """A finished batch with 6 classified images of known predictions and one failed file."""
-    batch = Batch.objects.create(
-        laboratory=technologist.laboratory,
-        user=technologist,
-        name="Known slide",
-        model=tiny_record,
-        status=Batch.Status.DONE,
-        threshold=0.85,
-    )
-    for position, (name, index, confidence, outlier, _) in enumerate(KNOWN):
-        probabilities = [round((1 - confidence) / 4, 6)] * 5
-        probabilities[index] = confidence
-        prediction = Prediction.objects.create(
-            laboratory=batch.laboratory,
-            user=technologist,
-            model=tiny_record,
-            model_version="1",
-            image="cells/x.png",
-            original_filename=name,
-            width=10,
-            height=10,
-            predicted_class=CLASSES[index],
-            confidence=confidence,
-            probabilities=probabilities,
-            is_outlier=outlier,
-            processing_ms=10.0,
-        )
-        BatchItem.objects.create(
-            batch=batch, position=position, original_filename=name, prediction=prediction, status=BatchItem.Status.DONE
-        )
-    BatchItem.objects.create(
-        batch=batch, position=9, original_filename="broken.jpg", status=BatchItem.Status.FAILED, error="damaged"
-    )
-    return batch
+    return make_known_batch(technologist, tiny_record, [row[:4] for row in KNOWN])
 
 
 @pytest.fixture

@@ -272,11 +272,10 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.FormParser",
     ],
-    "DEFAULT_PAGINATION_CLASS": "classifier.api.PagePagination",
+    "DEFAULT_PAGINATION_CLASS": "classifier.api_support.PagePagination",
     "PAGE_SIZE": WBC_API_PAGE_SIZE,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "classifier.authentication.api_exception_handler",
-    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "EXCEPTION_HANDLER": "classifier.api_support.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -298,7 +297,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": False},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "classifier.api.document_error_responses",
+        "classifier.api_support.document_error_responses",
     ],
     "ENUM_NAME_OVERRIDES": {
         "BatchStatusEnum": "classifier.models.Batch.Status",
