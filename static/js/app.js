@@ -152,7 +152,7 @@
       const update = (modelChanged) => {
         const card = own();
         const chosen = method.value || card.method;
-        zscore.hidden = chosen !== "zscore";
+        zscore.hidden = method.value !== "zscore";
         if (chosen === "zscore" && (modelChanged || !mean.value)) {
           const m = card.method === "zscore" ? card.mean : [127.5, 127.5, 127.5];
           const s = card.method === "zscore" ? card.std : [127.5, 127.5, 127.5];
