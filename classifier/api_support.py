@@ -12,6 +12,7 @@ Every error is JSON of one shape, whatever raised it (a serializer, DRF's authen
 from __future__ import annotations
 
 import logging
+import math
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -167,7 +168,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response | None:
         else:
             message = str(converted.detail)
     if isinstance(converted, exceptions.Throttled) and converted.wait is not None:
-        wait = max(1, int(round(converted.wait)))
+        wait = max(1, math.ceil(converted.wait))
         headers["Retry-After"] = str(wait)
         message = f"Too many requests: try again in {wait} second{'s' if wait != 1 else ''}."
         details = {"retry_after_seconds": wait}
@@ -225,7 +226,17 @@ def document_error_responses(result, generator, request, public):
                 continue
             responses = operation.setdefault("responses", {})
             for code, description in COMMON_ERRORS.items():
-                responses.setdefault(code, {"description": description, "content": {"application/json": {"schema": ref}}})
+                responses.setdefault(
+                    code, {"description": description, "content": {"application/json": {"schema": ref}}}
+                )
+            if method == "post":
+                responses.setdefault(
+                    "413",
+                    {
+                        "description": "The request is larger than the limits (body, files, images).",
+                        "content": {"application/json": {"schema": ref}},
+                    },
+                )
             if method == "get" and "406" not in responses:
                 responses["406"] = {
                     "description": "The Accept header asks for a type this endpoint does not produce.",

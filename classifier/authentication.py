@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions, permissions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import SimpleRateThrottle
@@ -42,7 +43,9 @@ class ApiTokenAuthentication(BaseAuthentication):
         try:
             key = parts[1].decode("ascii")
         except UnicodeError:
-            raise exceptions.AuthenticationFailed("Invalid token: the key contains characters it cannot have.") from None
+            raise exceptions.AuthenticationFailed(
+                "Invalid token: the key contains characters it cannot have."
+            ) from None
         token = ApiToken.find(key)
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid or revoked token.")
@@ -55,16 +58,31 @@ class ApiTokenAuthentication(BaseAuthentication):
         return f'{self.keyword} realm="api"'
 
 
+class ApiTokenScheme(OpenApiAuthenticationExtension):
+    """The token in the OpenAPI schema (Swagger UI's "Authorize" sends it as a Bearer token)."""
+
+    target_class = ApiTokenAuthentication
+    name = "apiToken"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A key from /account/tokens/, sent as `Authorization: Token <key>` (or `Bearer <key>`).",
+        }
+
+
 class IsLabMember(permissions.BasePermission):
-    """Authenticated, and a member of a laboratory (every object the API returns is that lab's)."""
+    """Authenticated, and a member of a laboratory (every object the API returns is that lab's).
+
+    An anonymous request fails here, and DRF turns that into a 401 (not authenticated).
+    """
 
     message = "Your account is not assigned to a laboratory yet; ask an administrator to set it."
 
     def has_permission(self, request, view) -> bool:
         user = request.user
-        if not (user and user.is_authenticated):
-            raise exceptions.NotAuthenticated()
-        return user.laboratory_id is not None
+        return bool(user and user.is_authenticated and user.laboratory_id is not None)
 
 
 class CanClassify(permissions.BasePermission):

@@ -28,7 +28,8 @@ def absolute(request, name: str, **kwargs) -> str:
 
 
 def threshold_field(**kwargs) -> serializers.FloatField:
-    return serializers.FloatField(min_value=THRESHOLD_MIN, max_value=THRESHOLD_MAX, help_text=THRESHOLD_HELP, **kwargs)
+    kwargs.setdefault("help_text", THRESHOLD_HELP)
+    return serializers.FloatField(min_value=THRESHOLD_MIN, max_value=THRESHOLD_MAX, **kwargs)
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------
@@ -62,9 +63,10 @@ class NormalizationField(serializers.Field):
             self.fail("invalid", reason=str(exc))
 
     def to_representation(self, value):
-        return value
+        return value or None  # an empty override ({}) means "the model's own": null
 
 
+@extend_schema_field(OpenApiTypes.INT)
 class ScopedModelField(serializers.PrimaryKeyRelatedField):
     """A model id among the caller's laboratory's usable models (another lab's id does not exist)."""
 
@@ -182,7 +184,7 @@ class PredictionSerializer(serializers.ModelSerializer):
     threshold = serializers.SerializerMethodField(help_text="the threshold needs_review was decided at")
     needs_review = serializers.SerializerMethodField()
     model = serializers.SerializerMethodField()
-    normalization = NormalizationField(read_only=True, help_text="the normalisation applied")
+    normalization = serializers.SerializerMethodField(help_text="the normalisation applied")
     saliency = serializers.SerializerMethodField(help_text="PNG overlays (made on first request)")
     batch = serializers.SerializerMethodField(help_text="the batch this image belongs to, if any")
 
@@ -232,6 +234,10 @@ class PredictionSerializer(serializers.ModelSerializer):
     def get_model(self, obj: Prediction) -> dict:
         return model_ref(obj.model)
 
+    @extend_schema_field(NormalizationSerializer)
+    def get_normalization(self, obj: Prediction) -> dict:
+        return obj.normalization or obj.model.normalization
+
     @extend_schema_field(SaliencyUrlsSerializer)
     def get_saliency(self, obj: Prediction) -> dict:
         base = absolute(self.context.get("request"), "prediction-saliency", uid=obj.uid)
@@ -244,7 +250,10 @@ class PredictionSerializer(serializers.ModelSerializer):
 
 
 class ThresholdQuerySerializer(serializers.Serializer):
-    threshold = threshold_field(required=False)
+    threshold = threshold_field(
+        required=False,
+        help_text=f"{THRESHOLD_HELP} Default: the batch's threshold (batches), your own (predictions).",
+    )
 
 
 class SaliencyQuerySerializer(serializers.Serializer):
@@ -389,7 +398,7 @@ def progress_of(batch: Batch, counts: dict) -> dict:
 class BatchDetailSerializer(BatchSummarySerializer):
     """A batch with its progress and, once finished, its differential and per-image results."""
 
-    normalization = NormalizationField(read_only=True, help_text="empty: the model's own")
+    normalization = NormalizationField(read_only=True, allow_null=True, help_text="null: the model's own")
     links = serializers.SerializerMethodField()
     differential = serializers.SerializerMethodField(help_text="null until the batch is finished")
     results = serializers.SerializerMethodField(help_text="every image in order (null until the batch is finished)")
@@ -467,7 +476,9 @@ class BatchDetailSerializer(BatchSummarySerializer):
 
 
 class BatchListQuerySerializer(serializers.Serializer):
-    external_id = serializers.CharField(required=False, max_length=100, help_text="exact LIS sample id")
+    external_id = serializers.CharField(
+        required=False, allow_blank=True, max_length=100, help_text="exact LIS sample id (empty: batches without one)"
+    )
     status = serializers.ChoiceField(required=False, choices=Batch.Status.choices)
     created_after = serializers.CharField(
         required=False, help_text="ISO date or date-time; a date starts at 00:00 (inclusive)"
@@ -482,9 +493,10 @@ class BatchListQuerySerializer(serializers.Serializer):
         from django.utils import timezone
         from django.utils.dateparse import parse_date, parse_datetime
 
+        value = value.strip()
         try:
-            moment = parse_datetime(value)
-            day = None if moment is not None else parse_date(value)
+            day = parse_date(value) if len(value) == 10 else None  # 2026-03-01: a whole day
+            moment = None if day is not None else parse_datetime(value)
         except ValueError:
             moment = day = None
         if moment is None and day is None:
@@ -521,7 +533,9 @@ class EvaluationRunSerializer(serializers.Serializer):
     labels_filename = serializers.CharField()
     labels_sha256 = serializers.CharField()
     n_labelled = serializers.IntegerField(help_text="classified images with a usable label")
-    metrics = serializers.SerializerMethodField(help_text="accuracy, kappa, per-class metrics… for all/confident/flagged")
+    metrics = serializers.SerializerMethodField(
+        help_text="accuracy, kappa, per-class metrics… for all/confident/flagged"
+    )
     problems = serializers.SerializerMethodField(help_text="rows and images that could not be used, with reasons")
     created_at = serializers.DateTimeField()
 
@@ -536,7 +550,10 @@ class EvaluationRunSerializer(serializers.Serializer):
         }
     )
     def get_batch(self, run) -> dict:
-        return {"id": str(run.batch.uid), "url": absolute(self.context.get("request"), "batch-detail", uid=run.batch.uid)}
+        return {
+            "id": str(run.batch.uid),
+            "url": absolute(self.context.get("request"), "batch-detail", uid=run.batch.uid),
+        }
 
     @extend_schema_field(ModelRefSerializer)
     def get_model(self, run) -> dict:
@@ -595,6 +612,3 @@ def limits_payload() -> dict:
         "rate": settings.WBC_API_RATE,
         "submit_rate": settings.WBC_API_SUBMIT_RATE,
     }
-
-
-__all__ = ["OpenApiTypes"]

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import token_views, views
 
 app_name = "classifier"
 urlpatterns = [
@@ -12,6 +12,7 @@ urlpatterns = [
     path("models/upload/", views.model_upload, name="model_upload"),
     path("models/<int:pk>/toggle/", views.model_toggle, name="model_toggle"),
     path("settings/threshold/", views.update_threshold, name="threshold"),
+    path("account/tokens/", token_views.tokens, name="tokens"),
     path("predictions/<uuid:uid>/", views.prediction_detail, name="prediction"),
     path("predictions/<uuid:uid>/image/", views.prediction_image, name="prediction_image"),
     path("predictions/<uuid:uid>/saliency/<str:method>.png", views.prediction_saliency, name="saliency"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,38 @@ def make_known_batch(user, record, rows, *, name="Known slide", failed_error="da
         error=failed_error,
     )
     return batch
+
+
+SERVED_PNG = image_bytes(size=(80, 80))
+
+
+class ImageHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/cell.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(SERVED_PNG)))
+            self.end_headers()
+            self.wfile.write(SERVED_PNG)
+        elif self.path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        else:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not an image</html>")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(settings):
+    """A real local image server; 'localhost' is allowed to resolve privately (as a lab's own server would be)."""
+    settings.WBC_URL_ALLOWED_PRIVATE_HOSTS = {"localhost"}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()

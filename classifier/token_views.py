@@ -1,0 +1,57 @@
+"""The user's own API tokens page (/account/tokens/): create (the key is shown once), list, revoke."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+
+from .models import ApiToken
+
+
+def _own_token(user, raw_id: str) -> ApiToken | None:
+    """A token of this user (tokens are scoped to their owner, not only to the lab); None if not theirs."""
+    try:
+        return ApiToken.objects.filter(user=user).get(pk=int(raw_id))
+    except (TypeError, ValueError, ApiToken.DoesNotExist):
+        return None
+
+
+@require_http_methods(["GET", "POST"])
+def tokens(request: HttpRequest) -> HttpResponse:
+    new_key, new_token, error, status = "", None, "", 200
+    if request.method == "POST":
+        action = request.POST.get("action")
+        if action == "create":
+            name = request.POST.get("name", "").strip()
+            active = request.user.api_tokens.filter(revoked_at__isnull=True).count()
+            if not name or len(name) > 100:
+                error, status = "Give the token a name of 1 to 100 characters (e.g. “LIS production”).", 400
+            elif active >= settings.WBC_API_MAX_TOKENS_PER_USER:
+                error, status = f"You already have {active} active tokens; revoke one you no longer use first.", 400
+            else:
+                # Rendered, not redirected: the key exists only in this response and is never stored.
+                new_token, new_key = ApiToken.issue(request.user, name)
+                status = 201
+        elif action == "revoke":
+            token = _own_token(request.user, request.POST.get("token"))
+            if token is None:
+                error, status = "That token does not exist (or is not yours).", 404
+            else:
+                token.revoke()
+                messages.success(request, f"The token “{token.name}” is revoked; requests with it now fail.")
+                return redirect("classifier:tokens")
+        else:
+            error, status = "Unknown action.", 400
+    context = {
+        "tokens": request.user.api_tokens.all(),
+        "new_key": new_key,
+        "new_token": new_token,
+        "error": error,
+        "max_tokens": settings.WBC_API_MAX_TOKENS_PER_USER,
+    }
+    response = render(request, "classifier/tokens.html", context, status=status)
+    response["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,48 @@
+"""/api/v1/: the LIS API (one router), its OpenAPI schema, and the Swagger UI and Redoc pages."""
+
+from django.contrib.auth.decorators import login_required
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.exceptions import NotFound
+from rest_framework.routers import DefaultRouter
+from rest_framework.views import APIView
+
+from classifier import api
+from classifier.authentication import ApiRateThrottle, IsLabMember
+
+
+class Router(DefaultRouter):
+    include_format_suffixes = False  # one URL per resource; the type is negotiated (Accept)
+
+
+class NotFoundView(APIView):
+    """Any other path under /api/v1/: a JSON 404 (after authentication, like every endpoint)."""
+
+    permission_classes = [IsLabMember]
+    throttle_classes = [ApiRateThrottle]
+    schema = None
+
+    def dispatch_not_found(self, request, *args, **kwargs):
+        hint = "" if request.path.endswith("/") else f" (API paths end with a slash: {request.path}/)"
+        raise NotFound(f"There is no such API endpoint{hint}; see /api/v1/docs/ for the list.")
+
+    get = post = put = patch = delete = head = options = dispatch_not_found
+
+
+router = Router()
+router.register("models", api.ClassifierModelViewSet, basename="model")
+router.register("predictions", api.PredictionViewSet, basename="prediction")
+router.register("batches", api.BatchViewSet, basename="batch")
+router.register("evaluations", api.EvaluationRunViewSet, basename="evaluation")
+router.register("tokens", api.ApiTokenViewSet, basename="token")
+
+app_name = "api"
+urlpatterns = [
+    path("me/", api.MeView.as_view(), name="me"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    # The documentation pages are for people: a browser without a session is sent to log in.
+    path("docs/", login_required(SpectacularSwaggerView.as_view(url_name="api:schema")), name="docs"),
+    path("redoc/", login_required(SpectacularRedocView.as_view(url_name="api:schema")), name="redoc"),
+    *router.urls,
+    re_path(r"^.*$", NotFoundView.as_view(), name="not-found"),
+]
