@@ -127,7 +127,9 @@ def build_enhanced_cnn_v2(input_size: tuple[int, int], n_classes: int = 5) -> ke
         x = keras.layers.Conv2D(
             filters, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"block{block}_conv"
         )(x)
-        x = keras.layers.BatchNormalization(name=f"block{block}_bn")(x)
+        # momentum 0.9: with Adam and L2 the activation statistics move fast; the Keras default (0.99) left the
+        # moving averages so far behind that inference-mode accuracy stayed near chance for several epochs.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn")(x)
         x = keras.layers.ReLU(name=f"block{block}_relu")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)

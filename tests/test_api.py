@@ -14,9 +14,9 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from classifier import api as api_module
 from classifier.inference import file_sha256
 from classifier.models import ApiToken, Batch, BatchItem, ClassifierModel, Prediction, User
+from reports import api as batches_api
 from reports.models import EvaluationRun
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, make_known_batch
 
@@ -554,13 +554,13 @@ def test_idempotency_keys_are_per_laboratory(api, outsider_api, tiny_record):
 
 def test_a_concurrent_retry_that_loses_the_race_gets_the_winners_batch(api, tiny_record, monkeypatch):
     """The retry passed the look-up before the first request committed; the unique constraint catches it."""
-    real_submit = api_module.submit_batch
+    real_submit = batches_api.submit_batch
 
     def racing_submit(*args, **kwargs):
         real_submit(*args, **kwargs)  # the other request commits first ...
         return real_submit(*args, **kwargs)  # ... so this one hits the constraint
 
-    monkeypatch.setattr(api_module, "submit_batch", racing_submit)
+    monkeypatch.setattr(batches_api, "submit_batch", racing_submit)
     response = _submit(api, [("c1.png", image_bytes())], headers={"Idempotency-Key": "race-1"}, external_id="R")
     assert response.status_code == 200 and response["Idempotent-Replayed"] == "true"
     assert Batch.objects.count() == 1 and response.json()["id"] == str(Batch.objects.get().uid)

@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from classifier import api
 from classifier.authentication import ApiRateThrottle, IsLabMember
+from reports import api as reports_api
 
 
 class Router(DefaultRouter):
@@ -32,8 +33,8 @@ class NotFoundView(APIView):
 router = Router()
 router.register("models", api.ClassifierModelViewSet, basename="model")
 router.register("predictions", api.PredictionViewSet, basename="prediction")
-router.register("batches", api.BatchViewSet, basename="batch")
-router.register("evaluations", api.EvaluationRunViewSet, basename="evaluation")
+router.register("batches", reports_api.BatchViewSet, basename="batch")
+router.register("evaluations", reports_api.EvaluationRunViewSet, basename="evaluation")
 router.register("tokens", api.ApiTokenViewSet, basename="token")
 
 app_name = "api"

@@ -1,0 +1,324 @@
+"""Serializers of the LIS API for batches and evaluation runs (split from :mod:`classifier.serializers`)."""
+
+from __future__ import annotations
+
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from classifier.models import Batch, BatchItem
+from classifier.serializers import (
+    ModelRefSerializer,
+    NormalizationField,
+    ScopedModelField,
+    absolute,
+    model_ref,
+    threshold_field,
+)
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+
+class BatchSubmitSerializer(serializers.Serializer):
+    files = serializers.ListField(
+        child=serializers.FileField(allow_empty_file=True),
+        required=False,
+        default=list,
+        help_text="images (JPEG/PNG) and .zip archives; repeat the field for several files",
+    )
+    urls = serializers.ListField(
+        child=serializers.CharField(max_length=2000),
+        required=False,
+        default=list,
+        help_text="http(s) image URLs (in a form: repeat the field, or one URL per line)",
+    )
+    external_id = serializers.CharField(
+        max_length=100, required=False, allow_blank=True, default="", help_text="the LIS sample/accession id"
+    )
+    name = serializers.CharField(
+        max_length=200, required=False, allow_blank=True, help_text="default: the external id, else the time"
+    )
+    model = ScopedModelField(required=False, help_text="a model id from /models/ (default: your default model)")
+    threshold = threshold_field(required=False)
+    normalization = NormalizationField(required=False, allow_null=True, help_text="override the model's own")
+
+    def validate_urls(self, urls: list[str]) -> list[str]:
+        return [line.strip() for url in urls for line in url.splitlines() if line.strip()]
+
+    def validate(self, attrs):
+        if not attrs.get("files") and not attrs.get("urls"):
+            raise serializers.ValidationError(
+                {"files": ["No files were sent: add images, a .zip archive or urls."]}, code="required"
+            )
+        return attrs
+
+
+class BatchJsonSubmitSerializer(BatchSubmitSerializer):
+    """The JSON form of a batch submit (for the schema): URLs only."""
+
+    files = None
+
+
+class ProgressSerializer(serializers.Serializer):
+    total = serializers.IntegerField()
+    done = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    percent = serializers.FloatField(help_text="done and failed, of total")
+    eta_seconds = serializers.FloatField(allow_null=True, help_text="time left, estimated from the pace so far")
+
+
+class ClassTallySerializer(serializers.Serializer):
+    class_name = serializers.CharField()
+    count = serializers.IntegerField()
+    fraction = serializers.FloatField(help_text="of the classified images, 0–1")
+    percent = serializers.FloatField(help_text="the same in percent, 0–100")
+
+
+class DifferentialSerializer(serializers.Serializer):
+    threshold = serializers.FloatField()
+    classified = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    needs_review = serializers.IntegerField(help_text="classified images below the threshold, or outliers")
+    mean_processing_ms = serializers.FloatField()
+    classes = ClassTallySerializer(many=True)
+
+
+class BatchResultSerializer(serializers.Serializer):
+    position = serializers.IntegerField()
+    filename = serializers.CharField()
+    status = serializers.ChoiceField(choices=BatchItem.Status.choices)
+    error = serializers.CharField(allow_blank=True, help_text="why the image could not be classified")
+    prediction = serializers.UUIDField(allow_null=True)
+    prediction_url = serializers.URLField(allow_null=True)
+    predicted_class = serializers.CharField(allow_null=True)
+    confidence = serializers.FloatField(allow_null=True)
+    needs_review = serializers.BooleanField(allow_null=True)
+    is_outlier = serializers.BooleanField(allow_null=True)
+    probabilities = serializers.DictField(child=serializers.FloatField(), allow_null=True)
+    processing_ms = serializers.FloatField(allow_null=True)
+
+
+class BatchLinksSerializer(serializers.Serializer):
+    report_csv = serializers.URLField()
+    summary_csv = serializers.URLField()
+    evaluations = serializers.URLField()
+    web = serializers.URLField()
+
+
+class BatchSummarySerializer(serializers.Serializer):
+    """A batch as listed: identity, state and counts."""
+
+    id = serializers.UUIDField(source="uid")
+    url = serializers.SerializerMethodField()
+    name = serializers.CharField()
+    external_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=Batch.Status.choices)
+    error = serializers.CharField()
+    model = serializers.SerializerMethodField()
+    threshold = serializers.FloatField(help_text="the batch's review threshold")
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    progress = serializers.SerializerMethodField()
+
+    def get_url(self, batch: Batch) -> str:
+        return absolute(self.context.get("request"), "batch-detail", uid=batch.uid)
+
+    @extend_schema_field(ModelRefSerializer)
+    def get_model(self, batch: Batch) -> dict:
+        return model_ref(batch.model)
+
+    @extend_schema_field(ProgressSerializer)
+    def get_progress(self, batch: Batch) -> dict:
+        counts = self.context.get("counts", {}).get(batch.pk) or {}
+        return progress_of(batch, counts)
+
+
+def progress_of(batch: Batch, counts: dict) -> dict:
+    """Progress from per-status item counts (the same estimate as the web page's progress bar)."""
+    from django.utils import timezone
+
+    done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
+    total = sum(counts.values())
+    pending = total - done - failed
+    eta = None
+    if batch.started_at and done and not batch.is_finished:
+        elapsed = (timezone.now() - batch.started_at).total_seconds()
+        eta = round(elapsed / done * pending, 1)
+    percent = round((done + failed) / total * 100, 1) if total else 100.0
+    return {"total": total, "done": done, "failed": failed, "pending": pending, "percent": percent, "eta_seconds": eta}
+
+
+class BatchDetailSerializer(BatchSummarySerializer):
+    """A batch with its progress and, once finished, its differential and per-image results."""
+
+    normalization = NormalizationField(read_only=True, allow_null=True, help_text="null: the model's own")
+    links = serializers.SerializerMethodField()
+    differential = serializers.SerializerMethodField(help_text="null until the batch is finished")
+    results = serializers.SerializerMethodField(help_text="every image in order (null until the batch is finished)")
+
+    @extend_schema_field(BatchLinksSerializer)
+    def get_links(self, batch: Batch) -> dict:
+        request = self.context.get("request")
+        web = reverse("reports:batch", kwargs={"uid": batch.uid})
+        return {
+            "report_csv": absolute(request, "batch-report", uid=batch.uid),
+            "summary_csv": absolute(request, "batch-summary", uid=batch.uid),
+            "evaluations": absolute(request, "batch-evaluations", uid=batch.uid),
+            "web": request.build_absolute_uri(web) if request is not None else web,
+        }
+
+    @extend_schema_field(DifferentialSerializer(allow_null=True))
+    def get_differential(self, batch: Batch) -> dict | None:
+        report = self.context.get("report")
+        if report is None:
+            return None
+        return {
+            "threshold": report.threshold,
+            "classified": report.classified,
+            "failed": len(report.failed),
+            "pending": report.pending,
+            "needs_review": report.needs_review,
+            "mean_processing_ms": round(report.mean_ms, 3),
+            "classes": [
+                {
+                    "class_name": tally.name,
+                    "count": tally.count,
+                    "fraction": tally.percent,
+                    "percent": round(tally.percent * 100, 2),
+                }
+                for tally in report.tallies
+            ],
+        }
+
+    @extend_schema_field(BatchResultSerializer(many=True, allow_null=True))
+    def get_results(self, batch: Batch) -> list[dict] | None:
+        report = self.context.get("report")
+        if report is None:
+            return None
+        request = self.context.get("request")
+        rows = []
+        for item in report.items:
+            p = item.prediction
+            row = {
+                "position": item.position,
+                "filename": item.original_filename,
+                "status": item.status,
+                "error": item.error,
+                "prediction": None,
+                "prediction_url": None,
+                "predicted_class": None,
+                "confidence": None,
+                "needs_review": None,
+                "is_outlier": None,
+                "probabilities": None,
+                "processing_ms": None,
+            }
+            if p is not None:
+                row.update(
+                    prediction=str(p.uid),
+                    prediction_url=absolute(request, "prediction-detail", uid=p.uid),
+                    predicted_class=p.predicted_class,
+                    confidence=p.confidence,
+                    needs_review=p.needs_review(report.threshold),
+                    is_outlier=p.is_outlier,
+                    probabilities=dict(zip(report.class_names, p.probabilities, strict=False)),
+                    processing_ms=p.processing_ms,
+                )
+            rows.append(row)
+        return rows
+
+
+class BatchListQuerySerializer(serializers.Serializer):
+    external_id = serializers.CharField(
+        required=False, allow_blank=True, max_length=100, help_text="exact LIS sample id (empty: batches without one)"
+    )
+    status = serializers.ChoiceField(required=False, choices=Batch.Status.choices)
+    created_after = serializers.CharField(
+        required=False, help_text="ISO date or date-time; a date starts at 00:00 (inclusive)"
+    )
+    created_before = serializers.CharField(
+        required=False, help_text="ISO date or date-time; a date includes that whole day"
+    )
+
+    def _moment(self, value: str, *, end_of_day: bool):
+        from datetime import datetime, time, timedelta
+
+        from django.utils import timezone
+        from django.utils.dateparse import parse_date, parse_datetime
+
+        value = value.strip()
+        try:
+            day = parse_date(value) if len(value) == 10 else None  # 2026-03-01: a whole day
+            moment = None if day is not None else parse_datetime(value)
+        except ValueError:
+            moment = day = None
+        if moment is None and day is None:
+            raise serializers.ValidationError("Use an ISO date (2026-03-01) or date-time (2026-03-01T08:00:00Z).")
+        if day is not None:
+            moment = datetime.combine(day + timedelta(days=1) if end_of_day else day, time.min)
+        if timezone.is_naive(moment):
+            moment = timezone.make_aware(moment)
+        return moment
+
+    def validate_created_after(self, value: str):
+        return self._moment(value, end_of_day=False)
+
+    def validate_created_before(self, value: str):
+        return self._moment(value, end_of_day=True)
+
+
+# --- evaluation runs (true labels) -----------------------------------------------------------------------------
+
+
+class LabelsUploadSerializer(serializers.Serializer):
+    labels = serializers.FileField(
+        allow_empty_file=True, help_text="CSV with a header filename,class and one row per image"
+    )
+    threshold = threshold_field(required=False, help_text="default: the batch's threshold")
+
+
+class EvaluationRunSerializer(serializers.Serializer):
+    id = serializers.UUIDField(source="uid")
+    url = serializers.SerializerMethodField()
+    batch = serializers.SerializerMethodField()
+    model = serializers.SerializerMethodField()
+    threshold = serializers.FloatField()
+    labels_filename = serializers.CharField()
+    labels_sha256 = serializers.CharField()
+    n_labelled = serializers.IntegerField(help_text="classified images with a usable label")
+    metrics = serializers.SerializerMethodField(
+        help_text="accuracy, kappa, per-class metrics… for all/confident/flagged"
+    )
+    problems = serializers.SerializerMethodField(help_text="rows and images that could not be used, with reasons")
+    created_at = serializers.DateTimeField()
+
+    def get_url(self, run) -> str:
+        return absolute(self.context.get("request"), "evaluation-detail", uid=run.uid)
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {"id": {"type": "string", "format": "uuid"}, "url": {"type": "string"}},
+            "required": ["id", "url"],
+        }
+    )
+    def get_batch(self, run) -> dict:
+        return {
+            "id": str(run.batch.uid),
+            "url": absolute(self.context.get("request"), "batch-detail", uid=run.batch.uid),
+        }
+
+    @extend_schema_field(ModelRefSerializer)
+    def get_model(self, run) -> dict:
+        return {"id": run.model_id, "name": run.model.name, "version": run.model_version}
+
+    @extend_schema_field({"type": "object", "additionalProperties": True})
+    def get_metrics(self, run) -> dict:
+        return run.metrics
+
+    @extend_schema_field({"type": "object", "additionalProperties": True})
+    def get_problems(self, run) -> dict:
+        return run.problems
