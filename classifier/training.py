@@ -289,7 +289,7 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     # Only now is the test split read, once, through the saved file.
     x_test, y_test = datasets.load_arrays(split["test"], size)
     served = keras.models.load_model(model_path, compile=False)
-    test_features, test_raw = _features_and_probs(served, x_test, normalization)
+    test_features, test_raw = features_and_probs(served, x_test, normalization)
     test_probs = apply_temperature(test_raw, temperature)
     class_names = list(datasets.WBC_CLASSES)
     report = classification_report(y_test, test_probs, class_names)
@@ -360,7 +360,7 @@ def _display_name(arch: str) -> str:
     }[arch]
 
 
-def _features_and_probs(model: keras.Model, x: np.ndarray, normalization: Normalization):
+def features_and_probs(model: keras.Model, x: np.ndarray, normalization: Normalization):
     both = penultimate_model(model)
     features, probs = [], []
     for start in range(0, len(x), 64):
@@ -381,7 +381,7 @@ def features_of_paths(model, normalization, paths: list[Path], size) -> np.ndarr
     if not paths:
         return None
     x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in paths], size)
-    return _features_and_probs(model, x, normalization)[0]
+    return features_and_probs(model, x, normalization)[0]
 
 
 def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=0.85):
@@ -389,7 +389,7 @@ def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs
     if not non_wbc_paths:
         return {}
     x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in non_wbc_paths], size)
-    features, raw = _features_and_probs(model, x, normalization)
+    features, raw = features_and_probs(model, x, normalization)
     probs = apply_temperature(raw, temperature)
     kinds = np.array([p.parent.name for p in non_wbc_paths])
     non_wbc_flagged = (probs.max(axis=1) < threshold) | ood.is_outlier(features)
@@ -458,8 +458,8 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     checkpoint.unlink(missing_ok=True)
     served = build_enhanced_cnn_v2(config.input_size)  # a fresh, never-compiled copy: no optimizer state saved
     served.set_weights(model.get_weights())
-    train_features, _ = _features_and_probs(served, x_train, normalization)
-    val_features, val_probs = _features_and_probs(served, x_val, normalization)
+    train_features, _ = features_and_probs(served, x_train, normalization)
+    val_features, val_probs = features_and_probs(served, x_val, normalization)
     return TrainResult(served, normalization, history.history, train_features, val_features, val_probs)
 
 
@@ -566,65 +566,3 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     val_features = predict_in_batches(parts.top_features, val_acts, None, batch_size=256)
     val_probs = predict_in_batches(parts.top, val_acts, None, batch_size=256)
     return TrainResult(parts.full, IMAGENET_NORMALIZATION, history, train_features, val_features, val_probs)
-
-
-# --- evaluating a saved model (the evaluate_model and fit_ood commands) ---------------------------
-
-
-def load_card(model_path: Path) -> dict:
-    card_path = model_path.with_suffix(".json")
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{card_path} is missing: every model needs its card beside it")
-    return json.loads(card_path.read_text())
-
-
-def evaluate_saved_model(model_path: Path, data_dir: Path, split_name: str, threshold: float = 0.85) -> dict:
-    """Metrics of a saved model on one split of ``data_dir`` (or 'all' of it), through its card's preprocessing."""
-    card = load_card(model_path)
-    normalization = Normalization.from_dict(card["normalization"])
-    class_names = list(card["class_names"])
-    samples = datasets.list_images(data_dir, tuple(class_names))
-    chosen = samples if split_name == "all" else datasets.split_samples(samples)[split_name]
-    x, y = datasets.load_arrays(chosen, tuple(card["input_size"]))
-    model = keras.models.load_model(model_path, compile=False)
-    raw = predict_in_batches(model, x, normalization)
-    probs = apply_temperature(raw, float(card.get("temperature", 1.0)))
-    report = classification_report(y, probs, class_names, threshold)
-    return {"model": model_path.name, "data": str(data_dir), "split": split_name, "metrics": report}
-
-
-def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
-    """Fit the out-of-distribution detectors of an already trained model again and update its card."""
-    card = load_card(model_path)
-    normalization = Normalization.from_dict(card["normalization"])
-    size = tuple(card["input_size"])
-    temperature = float(card.get("temperature", 1.0))
-    split = datasets.split_samples(datasets.list_images(data_dir, tuple(card["class_names"])))
-    model = keras.models.load_model(model_path, compile=False)
-    outputs = {}
-    for name in ("train", "val", "test"):
-        x, y = datasets.load_arrays(split[name], size)
-        features, raw = _features_and_probs(model, x, normalization)
-        outputs[name] = (features, apply_temperature(raw, temperature), y)
-        log(f"features of the {name} split: {features.shape}")
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(data_dir).parent / "pbc-non-wbc")
-    ood = fit_ood(
-        outputs["train"][0],
-        outputs["train"][2],
-        outputs["val"][0],
-        features_of_paths(model, normalization, non_wbc_fit, size),
-    )
-    ood_path = (
-        model_path.with_name(card["architecture"] + ".ood.npz")
-        if not card.get("ood")
-        else (model_path.parent / card["ood"]["file"])
-    )
-    ood.save(ood_path)
-    test_features, test_probs, _ = outputs["test"]
-    card["ood"] = ood_card(
-        ood,
-        ood_path,
-        evaluate_ood(model, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size),
-    )
-    model_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return card["ood"]
