@@ -173,3 +173,17 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert "accuracy=" in printed and "confusion matrix" in printed
     evaluated = json.loads((tmp_path / "m.json").read_text())
     assert evaluated["metrics"]["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def test_batchnorm_recalibration_sets_the_exact_population_statistics():
+    import keras
+
+    from classifier.training import recalibrate_batchnorm
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+    data = np.random.default_rng(0).normal(loc=[1, 2, 3, 4], scale=[1, 2, 3, 4], size=(640, 4)).astype("float32")
+    recalibrate_batchnorm(model, data, batch_size=64, batches=10)
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), data.mean(axis=0), rtol=1e-4, atol=1e-4)
+    assert bn.momentum == 0.99  # restored afterwards
