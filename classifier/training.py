@@ -444,9 +444,11 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     val_y = np.eye(n_classes, dtype=np.float32)[y_val]
     checkpoint = config.out_dir / f".{config.arch}.checkpoint.weights.h5"
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    clean_train = normalization.apply(x_train[np.random.default_rng(config.seed).permutation(len(x_train))[:1920]])
     callbacks = [
+        _RecalibrateBeforeValidation(clean_train),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=3, min_lr=1e-5),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-5),
         keras.callbacks.ModelCheckpoint(
             str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
@@ -456,11 +458,45 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
         train_data, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks, verbose=0
     )
     checkpoint.unlink(missing_ok=True)
+    recalibrate_batchnorm(model, clean_train)  # restore_best_weights brought back that epoch's raw statistics
     served = build_enhanced_cnn_v2(config.input_size)  # a fresh, never-compiled copy: no optimizer state saved
     served.set_weights(model.get_weights())
     train_features, _ = features_and_probs(served, x_train, normalization)
     val_features, val_probs = features_and_probs(served, x_val, normalization)
     return TrainResult(served, normalization, history.history, train_features, val_features, val_probs)
+
+
+def recalibrate_batchnorm(
+    model: keras.Model, clean_inputs: np.ndarray, batch_size: int = 64, batches: int = 30
+) -> None:
+    """Set every BatchNormalization layer's moving statistics to their exact average over clean training images.
+
+    During training the moving averages trail weights that keep changing (and see augmented images); inference
+    on un-augmented images then uses stale statistics. Averaging over a few batches with the final weights
+    ("precise BN") removes that mismatch.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return
+    saved = [layer.momentum for layer in layers]
+    order = np.random.default_rng(0).permutation(len(clean_inputs))
+    for k in range(min(batches, int(np.ceil(len(order) / batch_size)))):
+        for layer in layers:
+            layer.momentum = k / (k + 1)  # a cumulative mean of the batch statistics
+        model(clean_inputs[order[k * batch_size : (k + 1) * batch_size]], training=True)
+    for layer, momentum in zip(layers, saved, strict=True):
+        layer.momentum = momentum
+
+
+class _RecalibrateBeforeValidation(keras.callbacks.Callback):
+    """Validation (and so early stopping and the checkpoint) sees the model as it will be served."""
+
+    def __init__(self, clean_inputs: np.ndarray):
+        super().__init__()
+        self.clean_inputs = clean_inputs
+
+    def on_test_begin(self, logs=None):
+        recalibrate_batchnorm(self.model, self.clean_inputs)
 
 
 class _EpochLog(keras.callbacks.Callback):
