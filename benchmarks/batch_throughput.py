@@ -75,7 +75,8 @@ def raw_paths(card_path: Path, images: list[tuple[str, bytes]], onnx_dir: Path) 
     }
     results = {}
     for name, backend in backends.items():
-        backend.run(np.zeros((2, *size, 3), np.float32))  # warm-up
+        for warm in {min(32, len(images)), len(images) % 32 or 32}:  # warm-up: every batch shape used below
+            backend.run(np.zeros((warm, *size, 3), np.float32))
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(images), 32):
@@ -143,6 +144,8 @@ def end_to_end(images: list[tuple[str, bytes]], model_name: str, workdir: Path) 
     )
     model_id = manage(
         "shell",
+        "--verbosity",
+        "0",
         "-c",
         f"from classifier.models import ClassifierModel as M; print(M.objects.get(architecture='{model_name}').pk)",
     ).strip()
@@ -183,9 +186,9 @@ def end_to_end(images: list[tuple[str, bytes]], model_name: str, workdir: Path) 
         session = requests.Session()
         for _ in range(120):
             try:
-                session.get(f"{base}/accounts/login/", timeout=2)
+                session.get(f"{base}/accounts/login/", timeout=30)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing the app
                 time.sleep(0.5)
         session.post(
             f"{base}/accounts/login/",
@@ -209,6 +212,9 @@ def end_to_end(images: list[tuple[str, bytes]], model_name: str, workdir: Path) 
                 headers={"Referer": f"{base}/batches/new/"},
                 allow_redirects=False,
             )
+            if response.status_code != 302:
+                errors = re.findall(r'role="alert"[^>]*>(.*?)</div>', response.text, re.S)
+                raise RuntimeError(f"batch upload answered {response.status_code}: {errors or response.text[:300]}")
             status_url = base + response.headers["Location"] + "status.json"
             while True:
                 status = session.get(status_url).json()
