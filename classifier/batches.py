@@ -68,7 +68,7 @@ def fetch_urls(urls: list[str]) -> list[NamedBytes]:
 
 
 def _validate(entry: NamedBytes) -> NamedBytes:
-    """Check an upload like a single image (decoded fully), keeping its bytes when it is good."""
+    """Check an upload like a single image (the whole stream decoded), keeping its bytes when it is good."""
     if entry.data is None:
         return entry
     try:
@@ -77,6 +77,7 @@ def _validate(entry: NamedBytes) -> NamedBytes:
             name=entry.name,
             max_bytes=settings.WBC_MAX_IMAGE_BYTES,
             max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
+            reduced=True,  # the worker decodes it at full size; here only the refusals matter
         )
     except ImageRejected as exc:
         return NamedBytes(entry.name, None, str(exc))
@@ -110,6 +111,7 @@ def submit_batch(
                 threshold=threshold if threshold is not None else user.review_threshold,
                 idempotency_key=idempotency_key,
             )
+            items = []
             for position, entry in enumerate(checked):
                 item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:])
                 if entry.data is None:
@@ -118,8 +120,9 @@ def submit_batch(
                     suffix = ".png" if entry.data[:4] == b"\x89PNG" else ".jpg"
                     item.image.save(f"{batch.uid}-{position}{suffix}", ContentFile(entry.data), save=False)
                     saved_files.append(item.image.name)
-                item.save()
-            if not batch.items.filter(status=BatchItem.Status.PENDING).exists():
+                items.append(item)
+            BatchItem.objects.bulk_create(items)
+            if not saved_files:
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:
@@ -180,23 +183,32 @@ def process_batch_now(batch_id: int) -> str:
             status=Batch.Status.FAILED, error=str(exc), finished_at=timezone.now()
         )
         return f"failed: {exc}"
+    pending = list(batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True).order_by("position"))
+    chunks = [pending[start : start + CHUNK] for start in range(0, len(pending), CHUNK)]
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
-        while True:
-            items = list(batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True)[:CHUNK])
-            if not items:
-                break
+
+        def decode(chunk: list[BatchItem]) -> list:
+            return [pool.submit(_load, item, record.input_size) for item in chunk]
+
+        upcoming = decode(chunks[0]) if chunks else []
+        for index, items in enumerate(chunks):
             started = time.perf_counter()
-            loaded = list(pool.map(lambda item: _load(item, record.input_size), items))
+            loaded = [future.result() for future in upcoming]
+            # The next chunk decodes on the pool while this one is classified and stored.
+            upcoming = decode(chunks[index + 1]) if index + 1 < len(chunks) else []
             good = [(item, out) for item, out in zip(items, loaded, strict=True) if not isinstance(out, str)]
             results = classifier.predict(np.stack([pixels for _, (pixels, _) in good])) if good else []
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
             if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
+                for future in upcoming:
+                    future.cancel()
                 return "lease lost to another worker; stopped"
     Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.DONE, finished_at=timezone.now())
     return "done"
 
 
 def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bool:
+    """Record one chunk's outcomes in one transaction, if this worker still holds the lease."""
     record = batch.model
     with transaction.atomic():
         if not Batch.objects.filter(pk=batch.pk, lease=lease).exists():
@@ -206,11 +218,16 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(
                     status=BatchItem.Status.FAILED, error=outcome[:500]
                 )
-        for (item, (_, (width, height))), result in zip(good, results, strict=True):
-            # Re-check under the transaction: an item that already has its result is never done twice.
-            if BatchItem.objects.filter(pk=item.pk, prediction__isnull=False).exists():
-                continue
-            prediction = Prediction(
+        # Re-checked under the transaction: an item that already has its result is never done twice.
+        finished = set(
+            BatchItem.objects.filter(pk__in=[item.pk for item, _ in good], prediction__isnull=False).values_list(
+                "pk", flat=True
+            )
+        )
+        todo = [(item, size, result) for (item, (_, size)), result in zip(good, results, strict=True)]
+        todo = [entry for entry in todo if entry[0].pk not in finished]
+        predictions = [
+            Prediction(
                 laboratory_id=batch.laboratory_id,
                 user_id=batch.user_id,
                 model=record,
@@ -225,10 +242,14 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 ood_score=result.ood_score,
                 is_outlier=result.is_outlier,
                 processing_ms=per_image_ms,
+                image=item.image.name,  # the batch's stored file, not a copy
             )
-            prediction.image.name = item.image.name  # the batch's stored file, not a copy
-            prediction.save()
-            BatchItem.objects.filter(pk=item.pk).update(prediction=prediction, status=BatchItem.Status.DONE)
+            for item, (width, height), result in todo
+        ]
+        Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
+        for (item, _, _), prediction in zip(todo, predictions, strict=True):
+            item.prediction, item.status = prediction, BatchItem.Status.DONE
+        BatchItem.objects.bulk_update([item for item, _, _ in todo], ["prediction", "status"])
         return _renew(batch.pk, lease)
 
 

@@ -66,7 +66,8 @@ def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
         outputs["train"][0],
         outputs["train"][2],
         outputs["val"][0],
-        features_of_paths(model, normalization, non_wbc_fit, size),
+        outputs["val"][1].max(axis=1),
+        features_of_paths(model, normalization, non_wbc_fit, size, dihedral=True),
     )
     ood_path = (
         model_path.with_name(card["architecture"] + ".ood.npz")

@@ -63,16 +63,35 @@ def _import_keras():
     return keras
 
 
+def has_feature_layer(model) -> bool:
+    return any(layer.name == "gap" for layer in model.layers)
+
+
+def serving_model(model, with_features: bool = True):
+    """image -> [detector features, probabilities], or probabilities alone.
+
+    The detector features are the classifier's global-average-pooled features (the 'gap' layer, which
+    the Mahalanobis distance uses) followed by a global max pooling of the same feature map: peak
+    activations tell platelets, erythroblasts and immature granulocytes from the five classes better
+    than averages alone. Training, TensorFlow serving and the ONNX export all build it here.
+    """
+    keras = _import_keras()
+    if not (with_features and has_feature_layer(model)):
+        return keras.Model(model.inputs, model.outputs)
+    gap = model.get_layer("gap")
+    peaks = keras.layers.GlobalMaxPooling2D(name="ood_max_pool")(gap.input)
+    features = keras.layers.Concatenate(name="ood_features")([gap.output, peaks])
+    return keras.Model(model.inputs, [features, model.outputs[0]])
+
+
 class KerasBackend:
     """TensorFlow serving: ``predict_on_batch`` on the cached model (the fallback path)."""
 
     name = "tensorflow"
 
     def __init__(self, model, with_features: bool):
-        keras = _import_keras()
-        outputs = [model.get_layer("gap").output, model.outputs[0]] if with_features else model.outputs
-        self.model = keras.Model(model.inputs, outputs)
-        self.with_features = with_features
+        self.model = serving_model(model, with_features)
+        self.with_features = with_features and has_feature_layer(model)
         self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -136,8 +155,7 @@ class LoadedModel:
         self.backend = self._onnx_backend()
         if self.backend is None:
             model = self.model
-            has_gap = any(layer.name == "gap" for layer in model.layers)
-            if self.ood is not None and not has_gap:
+            if self.ood is not None and not has_feature_layer(model):
                 logger.warning("%s has no 'gap' layer; the out-of-distribution score is off", spec.path.name)
                 self.ood = None
             self.backend = KerasBackend(model, with_features=self.ood is not None)

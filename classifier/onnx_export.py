@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .inference import OnnxBackend, load_keras_model
+from .inference import OnnxBackend, has_feature_layer, load_keras_model, serving_model
 from .preprocessing import Normalization
 
 logger = logging.getLogger(__name__)
 MAX_PROBABILITY_DIFFERENCE = 1e-4
+SERVING_LAYOUT = "f2"  # bump when serving_model's outputs change, so registered models are exported again
 PROBE_BATCH = 8
 
 
@@ -29,15 +30,12 @@ def probe_batch(input_size: tuple[int, int], normalization: dict, seed: int = 0)
 
 def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], normalization: dict) -> float:
     """Write ``onnx_path`` and return the max |p_onnx - p_tf| on a probe batch; raise if it is too large."""
-    import keras
-
     model = load_keras_model(model_path)
-    has_gap = any(layer.name == "gap" for layer in model.layers)
-    outputs = [model.get_layer("gap").output, model.outputs[0]] if has_gap else model.outputs
-    serving = keras.Model(model.inputs, outputs)
+    with_features = has_feature_layer(model)
+    serving = serving_model(model)
     probe = probe_batch(input_size, normalization)
     reference = serving.predict_on_batch(probe)
-    reference_probs = np.asarray(reference[1] if has_gap else reference, np.float64)
+    reference_probs = np.asarray(reference[1] if with_features else reference, np.float64)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
         tmp_path = Path(tmp) / "model.onnx"
@@ -57,7 +55,7 @@ def ensure_onnx(record) -> None:
     """Give a ClassifierModel record its checked ONNX copy, or record why it serves with TensorFlow."""
     from django.conf import settings
 
-    onnx_name = f"{record.sha256[:20]}.onnx"
+    onnx_name = f"{record.sha256[:20]}-{SERVING_LAYOUT}.onnx"
     onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_name
     if record.onnx_file_name == onnx_name and onnx_path.is_file():
         return

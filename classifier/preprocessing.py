@@ -75,11 +75,14 @@ def decode_image(
     name: str = "image",
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduced: bool = False,
 ) -> Image.Image:
     """Decode a JPEG/PNG fully, honour EXIF orientation and return an RGB image.
 
     The type is decided by what Pillow decodes, never by the file name. Every refusal raises
-    :class:`ImageRejected` with a sentence that names the file and the reason.
+    :class:`ImageRejected` with a sentence that names the file and the reason. ``reduced=True`` (for
+    checking an upload that is classified later) decodes a JPEG's whole stream at 1/8 scale: the same
+    refusals (truncation included) at about half the cost, but the returned image is small.
     """
     data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
     if not data:
@@ -99,6 +102,8 @@ def decode_image(
                     f"{name}: the image is too large ({width}x{height} pixels; "
                     f"the limit is {max_pixels // 1_000_000} megapixels)."
                 )
+            if reduced and fmt == "JPEG":
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             image.load()
     except ImageRejected:
         raise
@@ -110,7 +115,7 @@ def decode_image(
         raise ImageRejected(f"{name}: not a readable image; upload a JPEG or PNG.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"{name}: the image is damaged or truncated ({exc}).") from exc
-    if min(image.size) < DEFAULT_MIN_SIDE:
+    if min(width, height) < DEFAULT_MIN_SIDE:
         raise ImageRejected(f"{name}: the image is too small ({width}x{height} pixels).")
     image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":

@@ -34,6 +34,7 @@ import keras
 import tensorflow as tf
 
 from . import datasets
+from .inference import serving_model
 from .metrics import apply_temperature, classification_report, fit_temperature
 from .ood import OodDetector, fit_ood, split_non_wbc
 from .preprocessing import Normalization
@@ -160,7 +161,7 @@ class MobileNetParts:
     full: keras.Model  # image -> probabilities (what is saved and served)
     trunk: keras.Model  # image -> block_15_add activations (frozen, used to build the cache)
     top: keras.Model  # block_15_add activations -> probabilities (shares layers with ``full``)
-    top_features: keras.Model  # block_15_add activations -> pooled 1280-d features
+    top_features: keras.Model  # block_15_add activations -> detector features (average- and max-pooled)
 
 
 def build_mobilenet_v2(input_size: tuple[int, int], weights: str | None, n_classes: int = 5):
@@ -183,7 +184,9 @@ def build_mobilenet_v2(input_size: tuple[int, int], weights: str | None, n_class
         x = layer(x)
     features = gap(x)
     top = keras.Model(top_input, dense(dropout(features)), name="mobilenet_v2_top")
-    top_features = keras.Model(top_input, features, name="mobilenet_v2_top_features")
+    peaks = keras.layers.GlobalMaxPooling2D(name="ood_max_pool")(x)  # as in inference.serving_model
+    detector_features = keras.layers.Concatenate(name="ood_features")([features, peaks])
+    top_features = keras.Model(top_input, detector_features, name="mobilenet_v2_top_features")
     return MobileNetParts(full, trunk, top, top_features)
 
 
@@ -226,12 +229,6 @@ def predict_in_batches(model: keras.Model, x: np.ndarray, normalization, batch_s
     return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
-def penultimate_model(model: keras.Model) -> keras.Model:
-    """image -> (pooled features feeding the classifier, probabilities)."""
-    features = model.get_layer("gap").output
-    return keras.Model(model.inputs, [features, model.outputs[0]])
-
-
 def _versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),
@@ -272,23 +269,24 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     model, normalization, history = result.model, result.normalization, result.history
     train_seconds = time.time() - started
 
-    # Calibration and the out-of-distribution detectors are fitted on train/validation (and half of non-WBC).
-    temperature = fit_temperature(result.val_probs, y_val)
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
-    non_wbc_features = features_of_paths(model, normalization, non_wbc_fit, size)
-    ood = fit_ood(result.train_features, y_train, result.val_features, non_wbc_features)
-    val_probs = result.val_probs
-    del x_train
-
     config.out_dir.mkdir(parents=True, exist_ok=True)
     model_path = config.out_dir / f"{config.arch}.keras"
     ood_path = config.out_dir / f"{config.arch}.ood.npz"
     model.save(model_path)  # the saved model is uncompiled: no optimizer state travels with it
+    served = keras.models.load_model(model_path, compile=False)  # from here on, exactly what is served
+
+    # Calibration and the out-of-distribution detectors are fitted on train/validation (and half of non-WBC).
+    temperature = fit_temperature(result.val_probs, y_val)
+    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
+    non_wbc_features = features_of_paths(served, normalization, non_wbc_fit, size, dihedral=True)
+    val_confidence = apply_temperature(result.val_probs, temperature).max(axis=1)
+    ood = fit_ood(result.train_features, y_train, result.val_features, val_confidence, non_wbc_features)
     ood.save(ood_path)
+    val_probs = result.val_probs
+    del x_train
 
     # Only now is the test split read, once, through the saved file.
     x_test, y_test = datasets.load_arrays(split["test"], size)
-    served = keras.models.load_model(model_path, compile=False)
     test_features, test_raw = features_and_probs(served, x_test, normalization)
     test_probs = apply_temperature(test_raw, temperature)
     class_names = list(datasets.WBC_CLASSES)
@@ -361,7 +359,7 @@ def _display_name(arch: str) -> str:
 
 
 def features_and_probs(model: keras.Model, x: np.ndarray, normalization: Normalization):
-    both = penultimate_model(model)
+    both = serving_model(model)
     features, probs = [], []
     for start in range(0, len(x), 64):
         f, p = both.predict_on_batch(normalization.apply(x[start : start + 64]))
@@ -377,11 +375,19 @@ def non_wbc_halves(non_wbc_dir: Path) -> tuple[list[Path], list[Path]]:
     return split_non_wbc(paths)
 
 
-def features_of_paths(model, normalization, paths: list[Path], size) -> np.ndarray | None:
+def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and quarter turns of a batch of NxHxWx3 images (a smear has no up or left)."""
+    turns = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    return [np.ascontiguousarray(v) for t in turns for v in (t, t[:, :, ::-1])]
+
+
+def features_of_paths(model, normalization, paths: list[Path], size, dihedral: bool = False) -> np.ndarray | None:
+    """Detector features of image files; with ``dihedral``, of each image's 8 views (8 rows per image)."""
     if not paths:
         return None
     x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in paths], size)
-    return features_and_probs(model, x, normalization)[0]
+    views = dihedral_views(x) if dihedral else [x]
+    return np.concatenate([features_and_probs(model, view, normalization)[0] for view in views])
 
 
 def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=0.85):
@@ -411,7 +417,7 @@ def ood_card(ood: OodDetector, ood_path: Path, ood_eval: dict) -> dict:
         "file": ood_path.name,
         "sha256": sha256_file(ood_path),
         "distance_threshold": ood.distance_threshold,
-        "probability_threshold": ood.probability_threshold if ood.coef is not None else None,
+        "probability_threshold": ood.probability_threshold if ood.has_network else None,
         **ood_eval,
     }
 

@@ -87,10 +87,20 @@ def test_gif_is_refused_as_unsupported_type():
         decode_image(image_bytes(fmt="GIF"), name="cell.gif")
 
 
-def test_truncated_jpeg_is_refused():
+@pytest.mark.parametrize("reduced", [False, True], ids=["full decode", "reduced-scale check"])
+def test_truncated_jpeg_is_refused(reduced):
     data = image_bytes(size=(200, 200), fmt="JPEG")
     with pytest.raises(ImageRejected, match="damaged or truncated"):
-        decode_image(data[: len(data) // 2], name="half.jpg")
+        decode_image(data[: len(data) // 2], name="half.jpg", reduced=reduced)
+
+
+def test_reduced_scale_check_decodes_a_good_jpeg_small_and_keeps_the_size_checks():
+    data = image_bytes(size=(360, 363), fmt="JPEG")
+    assert max(decode_image(data, reduced=True).size) < 100
+    with pytest.raises(ImageRejected, match="too large"):
+        decode_image(data, reduced=True, max_pixels=360 * 363 - 1)
+    with pytest.raises(ImageRejected, match="too small"):
+        decode_image(image_bytes(size=(12, 40), fmt="JPEG"), reduced=True)
 
 
 def test_too_many_bytes_is_refused():

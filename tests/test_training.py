@@ -113,9 +113,36 @@ def test_ood_detector_flags_a_separate_cluster_and_few_inliers():
     labels = np.repeat(np.arange(3), 300)
     val = np.concatenate([rng.normal(c * 4, 1, size=(100, 8)) for c in range(3)])
     strangers = rng.normal(-8, 1, size=(60, 8))
-    detector = fit_ood(train, labels, val, strangers[:30])
+    detector = fit_ood(train, labels, val, np.ones(len(val)), strangers[:30])
     assert detector.is_outlier(strangers[30:]).mean() > 0.9
     assert detector.is_outlier(val).mean() <= 0.03
+
+
+def test_mahalanobis_distance_matches_the_textbook_formula():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(400, 12))
+    detector = fit_ood(train, np.repeat(np.arange(4), 100), train[:50], np.ones(50))
+    x = rng.normal(size=(7, 12))
+    pooled = x[:, :6]  # the distance uses the average-pooled half of the features
+    naive = [np.sqrt(min((row - m) @ detector.precision @ (row - m) for m in detector.means)) for row in pooled]
+    assert detector.distance(x) == pytest.approx(naive, rel=1e-9)
+
+
+def test_detector_threshold_keeps_validation_flags_within_the_budget_and_survives_saving(tmp_path):
+    from classifier.ood import VAL_FLAGGED_BUDGET, OodDetector
+
+    rng = np.random.default_rng(2)
+    train = rng.normal(0, 1, size=(600, 8))
+    val = rng.normal(0, 1, size=(400, 8))
+    confidence = np.where(np.arange(400) < 4, 0.5, 0.99)  # 1% already flagged by low confidence
+    strangers = rng.normal(1.5, 1, size=(80, 8))  # overlaps the WBC cloud: the budget must bind
+    detector = fit_ood(train, np.zeros(600, int), val, confidence, strangers)
+    flagged = (confidence < 0.85) | detector.is_outlier(val)
+    assert 0.01 < flagged.mean() <= VAL_FLAGGED_BUDGET
+    detector.save(tmp_path / "d.npz")
+    again = OodDetector.load(tmp_path / "d.npz")
+    assert again.non_wbc_probability(strangers) == pytest.approx(detector.non_wbc_probability(strangers), abs=1e-5)
+    assert (again.is_outlier(val) == detector.is_outlier(val)).mean() > 0.99
 
 
 def test_non_wbc_split_is_per_kind_and_disjoint(tmp_path):

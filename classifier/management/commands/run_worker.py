@@ -15,4 +15,4 @@ class Command(BaseCommand):
         if recovered:
             self.stdout.write(f"re-enqueued {len(recovered)} unfinished batch(es): {recovered}")
         extra = ["--batch"] if options["batch"] else []
-        call_command("db_worker", "--no-startup-delay", "--interval", "0.5", *extra)
+        call_command("db_worker", "--no-startup-delay", "--interval", "0.1", *extra)
