@@ -248,8 +248,8 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
         ]
         Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
         for (item, _, _), prediction in zip(todo, predictions, strict=True):
-            item.prediction, item.status = prediction, BatchItem.Status.DONE
-        BatchItem.objects.bulk_update([item for item, _, _ in todo], ["prediction", "status"])
+            # One small UPDATE per item: cheaper than bulk_update's CASE expression for a chunk of 32.
+            BatchItem.objects.filter(pk=item.pk).update(prediction=prediction, status=BatchItem.Status.DONE)
         return _renew(batch.pk, lease)
 
 

@@ -113,6 +113,9 @@ class OnnxBackend:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: the batch worker decodes the next chunk and the web
+        # process answers requests on the same cores while a chunk is classified.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.with_features = len(self.session.get_outputs()) == 2
@@ -224,8 +227,7 @@ class Classifier:
             raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
             probs = apply_temperature(raw, self.spec.temperature)
             use_ood = self.ood is not None and features is not None
-            scores = self.ood.score(features) if use_ood else None
-            outliers = self.ood.is_outlier(features) if use_ood else None
+            scores, outliers = self.ood.assess(features) if use_ood else (None, None)
             for i, p in enumerate(probs):
                 index = int(np.argmax(p))
                 results.append(

@@ -69,19 +69,21 @@ class OodDetector:
         if not self.has_network:
             return np.zeros(len(features))
         z = (np.asarray(features, np.float64) - self.feature_mean) / self.feature_std
-        hidden = np.maximum(np.einsum("nf,mfh->mnh", z, self.hidden_weights) + self.hidden_bias[:, None, :], 0.0)
-        logits = np.einsum("mnh,mh->mn", hidden, self.output_weights) + self.output_bias[:, None]
+        hidden = np.maximum(z[None] @ self.hidden_weights + self.hidden_bias[:, None, :], 0.0)  # (members, n, hidden)
+        logits = (hidden @ self.output_weights[:, :, None])[:, :, 0] + self.output_bias[:, None]
         return (1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))).mean(axis=0)
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """The number shown to users: P(not one of the five classes), or the distance without a network."""
-        return self.non_wbc_probability(features) if self.has_network else self.distance(features)
+    def assess(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(score shown to users, outlier flag) for each row, each detector run once."""
+        distance = self.distance(features)
+        flagged = distance > self.distance_threshold
+        if not self.has_network:
+            return distance, flagged
+        probability = self.non_wbc_probability(features)
+        return probability, flagged | (probability >= self.probability_threshold)
 
     def is_outlier(self, features: np.ndarray) -> np.ndarray:
-        flagged = self.distance(features) > self.distance_threshold
-        if self.has_network:
-            flagged |= self.non_wbc_probability(features) >= self.probability_threshold
-        return flagged
+        return self.assess(features)[1]
 
     _NETWORK = ("feature_mean", "feature_std", "hidden_weights", "hidden_bias", "output_weights", "output_bias")
 

@@ -117,7 +117,7 @@ def decode_image(
         raise ImageRejected(f"{name}: the image is damaged or truncated ({exc}).") from exc
     if min(width, height) < DEFAULT_MIN_SIDE:
         raise ImageRejected(f"{name}: the image is too small ({width}x{height} pixels).")
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
     if image.mode != "RGB":
         image = _to_rgb(image)
     return image

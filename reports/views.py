@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import time
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -50,14 +53,38 @@ def batch_report(request: HttpRequest, uid) -> HttpResponse:
     return render(request, "reports/batch_report.html", {"batch": batch, "report": report, "threshold": threshold})
 
 
+MAX_STATUS_WAIT_SECONDS = 10.0
+STATUS_CHECK_SECONDS = 0.05
+
+
+def _number_param(request: HttpRequest, name: str, default: float, low: float, high: float) -> float:
+    try:
+        value = float(request.GET.get(name, default))
+    except ValueError:
+        return default
+    return min(max(value, low), high) if math.isfinite(value) else default
+
+
 def batch_status(request: HttpRequest, uid) -> JsonResponse:
-    """Progress for the live bar: done / failed / total, and an estimate of the time left."""
+    """Progress for the live bar: done / failed / total, and an estimate of the time left.
+
+    Long polling: with ``?wait=S`` (at most 10 s) the answer waits until the batch has moved past
+    ``?after=N`` processed images, or has finished, or S seconds have passed, so a watcher learns of each
+    chunk within 50 ms without asking ten times a second.
+    """
     batch = get_scoped_or_404(Batch, request.user, uid=uid)
     if not batch.is_finished:
         recover_stale_batches()  # a worker that died mid-batch is noticed while someone is watching
-        batch.refresh_from_db()
-    counts = dict(batch.items.values_list("status").annotate(n=Count("id")))
-    done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
+    wait = _number_param(request, "wait", 0.0, 0.0, MAX_STATUS_WAIT_SECONDS)
+    after = _number_param(request, "after", -1, -1, 10**9)
+    deadline = time.monotonic() + wait
+    while True:
+        batch.refresh_from_db(fields=["status", "started_at", "error"])
+        counts = dict(batch.items.values_list("status").annotate(n=Count("id")))
+        done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
+        if batch.is_finished or done + failed != after or time.monotonic() >= deadline:
+            break
+        time.sleep(STATUS_CHECK_SECONDS)
     total = sum(counts.values())
     eta = None
     if batch.started_at and done and not batch.is_finished:

@@ -186,6 +186,17 @@ def test_batch_page_uploads_files_and_zip_and_lists_bad_ones(tech_client, tiny_r
     assert status == {"status": "done", "done": 3, "failed": 1, "total": 4, "eta_seconds": None, "error": ""}
 
 
+def test_status_long_poll_answers_with_the_progress_it_has(tech_client, technologist, tiny_record):
+    batch = submit_batch(technologist, _entries(3), tiny_record, name="Watched")
+    url = reverse("reports:batch_status", args=[batch.uid])
+    unchanged = tech_client.get(url, {"wait": "0.2", "after": "0"}).json()  # nothing moved: answers at the deadline
+    assert unchanged["status"] == "queued" and unchanged["done"] == 0 and unchanged["total"] == 3
+    assert tech_client.get(url, {"wait": "nan", "after": "many"}).json()["total"] == 3  # odd values: no wait
+    _run_worker()
+    finished = tech_client.get(url, {"wait": "10", "after": "0"}).json()
+    assert finished["status"] == "done" and finished["done"] == 3
+
+
 def test_batch_page_refuses_too_many_files_with_a_message(tech_client, tiny_record, settings):
     settings.DATA_UPLOAD_MAX_NUMBER_FILES = 2
     settings.WBC_BATCH_MAX_FILES = 2

@@ -104,11 +104,15 @@
     if (!batch || batch.dataset.finished === "1") return;
     const bar = document.getElementById("progress-bar");
     const text = document.getElementById("progress-text");
+    let seen = -1;
     const poll = () => {
-      fetch(batch.dataset.statusUrl, { headers: { "Accept": "application/json" }, credentials: "same-origin" })
+      // Long poll: the server answers as soon as another chunk is done (or after 5 s).
+      const url = `${batch.dataset.statusUrl}?wait=5&after=${seen}`;
+      fetch(url, { headers: { "Accept": "application/json" }, credentials: "same-origin" })
         .then((response) => response.json())
         .then((s) => {
           const finished = s.done + s.failed;
+          seen = finished;
           bar.style.width = (s.total ? (100 * finished / s.total) : 0).toFixed(1) + "%";
           let message = `${s.done} of ${s.total} images classified`;
           if (s.failed) message += `, ${s.failed} failed`;
@@ -116,7 +120,7 @@
           if (s.status === "queued") message += " · waiting for the worker";
           text.textContent = message;
           if (s.status === "done" || s.status === "failed") { window.location.reload(); return; }
-          setTimeout(poll, 1000);
+          setTimeout(poll, 200);
         })
         .catch(() => setTimeout(poll, 3000));
     };
