@@ -79,9 +79,14 @@ def serving_model(model, with_features: bool = True):
     if not (with_features and has_feature_layer(model)):
         return keras.Model(model.inputs, model.outputs)
     gap = model.get_layer("gap")
-    peaks = keras.layers.GlobalMaxPooling2D(name="ood_max_pool")(gap.input)
-    features = keras.layers.Concatenate(name="ood_features")([gap.output, peaks])
-    return keras.Model(model.inputs, [features, model.outputs[0]])
+    return keras.Model(model.inputs, [detector_features(gap.output, gap.input), model.outputs[0]])
+
+
+def detector_features(pooled, feature_map):
+    """The detector features: ``pooled`` (the 'gap' output), then a max pooling of ``feature_map``."""
+    keras = _import_keras()
+    peaks = keras.layers.GlobalMaxPooling2D(name="ood_max_pool")(feature_map)
+    return keras.layers.Concatenate(name="ood_features")([pooled, peaks])
 
 
 class KerasBackend:

@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from . import datasets
-from .inference import serving_model
+from .inference import detector_features, serving_model
 from .metrics import apply_temperature, classification_report, fit_temperature
 from .ood import OodDetector, fit_ood, split_non_wbc
 from .preprocessing import Normalization
@@ -184,9 +184,7 @@ def build_mobilenet_v2(input_size: tuple[int, int], weights: str | None, n_class
         x = layer(x)
     features = gap(x)
     top = keras.Model(top_input, dense(dropout(features)), name="mobilenet_v2_top")
-    peaks = keras.layers.GlobalMaxPooling2D(name="ood_max_pool")(x)  # as in inference.serving_model
-    detector_features = keras.layers.Concatenate(name="ood_features")([features, peaks])
-    top_features = keras.Model(top_input, detector_features, name="mobilenet_v2_top_features")
+    top_features = keras.Model(top_input, detector_features(features, x), name="mobilenet_v2_top_features")
     return MobileNetParts(full, trunk, top, top_features)
 
 
