@@ -20,7 +20,7 @@ import numpy as np
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from .fetch import UrlRefused, fetch_image_bytes
@@ -28,6 +28,7 @@ from .inference import ModelUnavailable, get_classifier
 from .models import Batch, BatchItem, ClassifierModel, Prediction
 from .preprocessing import ImageRejected, decode_image, resize
 from .uploads import Limits, NamedBytes, UploadRefused
+from .wakeup import notify_workers
 
 logger = logging.getLogger(__name__)
 CHUNK = 32
@@ -139,6 +140,7 @@ def enqueue(batch: Batch) -> None:
     from .tasks import process_batch
 
     process_batch.enqueue(batch.pk)
+    notify_workers()
 
 
 def _claim(batch_id: int) -> uuid.UUID | None:
@@ -247,9 +249,12 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
             for item, (width, height), result in todo
         ]
         Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
-        for (item, _, _), prediction in zip(todo, predictions, strict=True):
-            # One small UPDATE per item: cheaper than bulk_update's CASE expression for a chunk of 32.
-            BatchItem.objects.filter(pk=item.pk).update(prediction=prediction, status=BatchItem.Status.DONE)
+        if todo:
+            # One UPDATE links each item to its new prediction, found by the stored file they share.
+            new = Prediction.objects.filter(pk__in=[p.pk for p in predictions], image=OuterRef("image"))
+            BatchItem.objects.filter(pk__in=[item.pk for item, _, _ in todo]).update(
+                prediction=Subquery(new.values("pk")[:1]), status=BatchItem.Status.DONE
+            )
         return _renew(batch.pk, lease)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,6 +70,23 @@ def build_tiny_model(
     )
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="probabilities", bias_initializer=bias)(x)
     keras.Model(inputs, outputs).save(path)
+
+
+def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
+    """The real background worker (``manage.py run_worker``) as a separate process on the file-backed test database."""
+    from django.db import connection
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "WBC_MODELS_DIR": str(models_dir),
+        "WBC_WORKER_WAKEUP_DIR": str(settings.WBC_WORKER_WAKEUP_DIR),
+        **env,
+    }
+    command = [sys.executable, "manage.py", "run_worker"]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="session")

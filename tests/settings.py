@@ -19,3 +19,4 @@ WHITENOISE_USE_FINDERS = True
 # A file-backed test database, so a real worker process can share it with the test (browser tests).
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wbc-test-{os.getpid()}.sqlite3")}  # noqa: F405
+WBC_WORKER_WAKEUP_DIR = Path(tempfile.mkdtemp(prefix="wbc-test-wakeup-"))

@@ -5,15 +5,13 @@ import csv
 import io
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from django.urls import reverse
 
 from classifier.inference import file_sha256
 from classifier.models import Batch, ClassifierModel, Prediction
-from tests.conftest import REPO, TINY_SIZE, build_tiny_model, image_bytes
+from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, start_worker
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -142,23 +140,7 @@ def test_a_bad_drop_shows_an_alert(browser, live_server, technologist, confident
 
 @pytest.fixture
 def worker(settings, models_dir):
-    """The real background worker, as a separate process on the same (file-backed) test database."""
-    from django.db import connection
-
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
-        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "WBC_MODELS_DIR": str(models_dir),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "run_worker"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = start_worker(settings, models_dir)
     yield process
     process.terminate()
     process.wait(timeout=20)

@@ -210,6 +210,9 @@ WBC_BATCH_MAX_URLS = env_int("WBC_BATCH_MAX_URLS", 50)
 WBC_URL_ALLOWED_PRIVATE_HOSTS = frozenset(env_list("WBC_URL_ALLOWED_PRIVATE_HOSTS", []))
 WBC_ZIP_MAX_RATIO = env_int("WBC_ZIP_MAX_RATIO", 100)
 WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
+# Where background workers listen for "a batch is queued" (Unix datagram sockets; polling is the fallback).
+WBC_WORKER_WAKEUP_DIR = Path(env_str("WBC_WORKER_WAKEUP_DIR", str(BASE_DIR / "var" / "wakeup")))
+WBC_WORKER_IDLE_SECONDS = env_int("WBC_WORKER_IDLE_SECONDS", 2)  # a look at the queue without a wake-up
 # A few extra fields beside the files; the batch view reports "too many files" itself.
 DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)

@@ -1,0 +1,57 @@
+"""The background worker sleeps on a socket and is woken when a batch is queued (no fast polling)."""
+
+import socket
+import time
+
+import pytest
+
+from classifier.batches import submit_batch
+from classifier.models import Batch
+from classifier.uploads import NamedBytes
+from classifier.wakeup import WakeupSocket, notify_workers
+from tests.conftest import image_bytes, start_worker
+
+
+def test_a_notification_wakes_a_waiting_worker_socket(settings):
+    with WakeupSocket() as wakeup:
+        assert wakeup.path.parent == settings.WBC_WORKER_WAKEUP_DIR
+        assert notify_workers() == 1
+        notify_workers()  # two wake-ups before the worker looks count as one
+        assert wakeup.wait(30) is True
+        assert wakeup.wait(0) is False
+    assert not wakeup.path.exists()
+    assert notify_workers() == 0
+
+
+def test_the_socket_of_a_worker_that_died_is_cleared_away(settings):
+    settings.WBC_WORKER_WAKEUP_DIR.mkdir(parents=True, exist_ok=True)
+    dead = settings.WBC_WORKER_WAKEUP_DIR / "worker-999999.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(dead))
+    sock.close()  # the process ended without removing its socket file
+    assert notify_workers() == 0
+    assert not dead.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_running_worker_starts_a_new_batch_when_woken_not_at_its_next_look(
+    settings, technologist, tiny_record, models_dir
+):
+    # The worker looks at the queue unprompted only every 10 minutes: the batch can finish within the
+    # minute below only because submitting it woke the worker.
+    worker = start_worker(settings, models_dir, WBC_WORKER_IDLE_SECONDS="600")
+    try:
+        assert worker.stdout.readline().strip() == "worker ready: waiting for batches"
+        entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i, 90, 160))) for i in range(3)]
+        batch = submit_batch(technologist, entries, tiny_record, name="Woken")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch.refresh_from_db()
+            if batch.is_finished:
+                break
+            time.sleep(0.1)
+        assert batch.status == Batch.Status.DONE
+        assert batch.items.filter(prediction__isnull=False).count() == 3
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
