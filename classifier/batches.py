@@ -28,7 +28,7 @@ from .inference import ModelUnavailable, get_classifier
 from .models import Batch, BatchItem, ClassifierModel, Prediction
 from .preprocessing import ImageRejected, decode_image, resize
 from .uploads import Limits, NamedBytes, UploadRefused
-from .wakeup import notify_workers
+from .wakeup import PROGRESS, WORKER, notify
 
 logger = logging.getLogger(__name__)
 CHUNK = 32
@@ -97,12 +97,26 @@ def submit_batch(
     normalization: dict | None = None,
 ) -> Batch:
     """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
-    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
-        checked = list(pool.map(_validate, entries))
-    saved_files = []
+    uid = uuid.uuid4()
+    field = BatchItem._meta.get_field("image")
+    stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
+
+    def check_and_store(position: int, entry: NamedBytes) -> tuple[NamedBytes, str]:
+        """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
+        entry = _validate(entry)
+        if entry.data is None:
+            return entry, ""
+        suffix = ".png" if entry.data[:4] == b"\x89PNG" else ".jpg"
+        name = field.storage.save(field.generate_filename(None, f"{uid}-{position}{suffix}"), ContentFile(entry.data))
+        stored.append(name)
+        return entry, name
+
     try:
+        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+            checked = list(pool.map(check_and_store, range(len(entries)), entries))
         with transaction.atomic():
             batch = Batch.objects.create(
+                uid=uid,
                 laboratory_id=user.laboratory_id,
                 user=user,
                 name=name[:200],
@@ -113,25 +127,20 @@ def submit_batch(
                 idempotency_key=idempotency_key,
             )
             items = []
-            for position, entry in enumerate(checked):
-                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:])
+            for position, (entry, file_name) in enumerate(checked):
+                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:], image=file_name)
                 if entry.data is None:
                     item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
-                else:
-                    suffix = ".png" if entry.data[:4] == b"\x89PNG" else ".jpg"
-                    item.image.save(f"{batch.uid}-{position}{suffix}", ContentFile(entry.data), save=False)
-                    saved_files.append(item.image.name)
                 items.append(item)
             BatchItem.objects.bulk_create(items)
-            if not saved_files:
+            if not stored:
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:
                 transaction.on_commit(lambda: enqueue(batch))
-    except Exception:
-        storage = BatchItem._meta.get_field("image").storage
-        for file_name in saved_files:  # nothing half-stored
-            storage.delete(file_name)
+    except BaseException:
+        for file_name in stored:  # nothing half-stored
+            field.storage.delete(file_name)
         raise
     return batch
 
@@ -140,7 +149,7 @@ def enqueue(batch: Batch) -> None:
     from .tasks import process_batch
 
     process_batch.enqueue(batch.pk)
-    notify_workers()
+    notify(WORKER)
 
 
 def _claim(batch_id: int) -> uuid.UUID | None:
@@ -176,6 +185,13 @@ def process_batch_now(batch_id: int) -> str:
     lease = _claim(batch_id)
     if lease is None:
         return "not claimed (finished, or another worker holds it)"
+    try:
+        return _process(batch_id, lease)
+    finally:
+        notify(PROGRESS)  # whatever happened, anyone watching the batch looks again
+
+
+def _process(batch_id: int, lease: uuid.UUID) -> str:
     batch = Batch.objects.select_related("model", "user").get(pk=batch_id)
     record = batch.model
     try:
@@ -205,6 +221,8 @@ def process_batch_now(batch_id: int) -> str:
                 for future in upcoming:
                     future.cancel()
                 return "lease lost to another worker; stopped"
+            if index + 1 < len(chunks):
+                notify(PROGRESS)
     Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.DONE, finished_at=timezone.now())
     return "done"
 

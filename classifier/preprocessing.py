@@ -53,12 +53,13 @@ class Normalization:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """Map uint8 (or float 0–255) pixels, channels last, to float32 model input."""
-        x = np.asarray(pixels, dtype=np.float32)
+        x = np.array(pixels, dtype=np.float32)  # a copy, normalised in place (no temporaries: memory-bound)
         if self.method == "scale01":
-            return x / np.float32(255.0)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        return (x - mean) / std
+            x /= np.float32(255.0)
+            return x
+        x -= np.asarray(self.mean, dtype=np.float32)
+        x /= np.asarray(self.std, dtype=np.float32)
+        return x
 
 
 def _is_rgb_triplet(value: object) -> bool:

@@ -1,25 +1,28 @@
-"""Waking the background worker the moment a batch is queued, instead of it polling the database.
+"""Waking a waiting process the moment something happens, instead of it polling the database.
 
-Each worker binds a Unix datagram socket in ``WBC_WORKER_WAKEUP_DIR`` and, between tasks, waits on it
-(up to ``idle_seconds``, after which it looks at the queue anyway). Whoever enqueues a task sends one byte
-to every socket there. A lost or spurious wake-up costs nothing: the queue in the database stays the
-truth, and the timeout keeps a worker that missed a message (or runs where Unix sockets do not exist)
-working, only later.
+Two channels: the background worker waits on ``WORKER`` between tasks and is woken when a batch is
+queued; a batch-status long poll waits on ``PROGRESS`` and is woken when the worker has stored a chunk.
+A waiter binds a Unix datagram socket named after its channel in ``WBC_WORKER_WAKEUP_DIR``; ``notify``
+sends one byte to every socket of the channel. A lost or spurious wake-up costs nothing: the database
+stays the truth, and every waiter also looks on its own after a timeout, so a waiter that missed a
+message (or a worker on another machine, or a platform without Unix sockets) still works, only later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import socket
+import uuid
 from pathlib import Path
 
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
 SUPPORTED = hasattr(socket, "AF_UNIX")
+WORKER = "worker"  # a batch was queued
+PROGRESS = "progress"  # a batch moved on (a chunk stored, or finished)
 
 
 def _directory() -> Path:
@@ -27,9 +30,12 @@ def _directory() -> Path:
 
 
 class WakeupSocket:
-    """The worker's end: ``wait(timeout)`` returns early when someone calls :func:`notify_workers`."""
+    """A waiter's end: ``wait(timeout)`` returns early when someone calls :func:`notify` on its channel.
 
-    def __init__(self) -> None:
+    Bind it *before* looking at the database: a message sent after that is queued, never missed.
+    """
+
+    def __init__(self, channel: str = WORKER) -> None:
         self.path: Path | None = None
         self.sock: socket.socket | None = None
         if not SUPPORTED:
@@ -37,13 +43,12 @@ class WakeupSocket:
         directory = _directory()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            path = directory / f"worker-{os.getpid()}.sock"
-            path.unlink(missing_ok=True)  # left by an earlier process with this pid
+            path = directory / f"{channel}-{uuid.uuid4().hex[:12]}.sock"
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(str(path))
             sock.setblocking(False)
         except OSError as exc:  # e.g. a read-only folder or a path too long: polling still works
-            logger.warning("worker wake-up socket unavailable (%s); polling the queue only", exc)
+            logger.warning("wake-up socket unavailable (%s); polling only", exc)
             return
         self.path, self.sock = path, sock
 
@@ -72,12 +77,12 @@ class WakeupSocket:
         self.close()
 
 
-def notify_workers() -> int:
-    """Wake every worker listening in the wake-up folder; returns how many were reached."""
+def notify(channel: str) -> int:
+    """Wake every waiter on ``channel``; returns how many were reached."""
     if not SUPPORTED:
         return 0
     try:
-        paths = list(_directory().glob("worker-*.sock"))
+        paths = list(_directory().glob(f"{channel}-*.sock"))
     except OSError:
         return 0
     if not paths:
@@ -91,7 +96,7 @@ def notify_workers() -> int:
                 reached += 1
             except BlockingIOError:  # its queue is full: it has wake-ups waiting already
                 reached += 1
-            except (ConnectionRefusedError, FileNotFoundError):  # the worker is gone
+            except (ConnectionRefusedError, FileNotFoundError):  # the waiter is gone
                 with contextlib.suppress(OSError):
                     path.unlink()
             except OSError as exc:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -17,6 +18,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from classifier.batches import recover_stale_batches
 from classifier.models import THRESHOLD_MAX, THRESHOLD_MIN, Batch, BatchItem, ClassifierModel
 from classifier.scoping import get_scoped_or_404, scoped
+from classifier.wakeup import PROGRESS, WakeupSocket
 
 from .differential import build_differential, excel_safe, report_rows, summary_rows, to_csv
 from .labels import MAX_LABEL_BYTES, LabelFileError
@@ -54,7 +56,7 @@ def batch_report(request: HttpRequest, uid) -> HttpResponse:
 
 
 MAX_STATUS_WAIT_SECONDS = 10.0
-STATUS_CHECK_SECONDS = 0.02
+STATUS_RECHECK_SECONDS = 0.5  # without a wake-up (e.g. a worker on another machine), look this often
 
 
 def _number_param(request: HttpRequest, name: str, default: float, low: float, high: float) -> float:
@@ -69,8 +71,9 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
     """Progress for the live bar: done / failed / total, and an estimate of the time left.
 
     Long polling: with ``?wait=S`` (at most 10 s) the answer waits until the batch has moved past
-    ``?after=N`` processed images, or has finished, or S seconds have passed, so a watcher learns of each
-    chunk within 20 ms without asking ten times a second.
+    ``?after=N`` processed images, or has finished, or S seconds have passed. The worker wakes the waiting
+    request when it stores a chunk, so a watcher learns of progress at once without anyone polling the
+    database many times a second.
     """
     batch = get_scoped_or_404(Batch, request.user, uid=uid)
     if not batch.is_finished:
@@ -78,13 +81,15 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
     wait = _number_param(request, "wait", 0.0, 0.0, MAX_STATUS_WAIT_SECONDS)
     after = _number_param(request, "after", -1, -1, 10**9)
     deadline = time.monotonic() + wait
-    while True:
-        batch.refresh_from_db(fields=["status", "started_at", "error"])
-        counts = dict(batch.items.values_list("status").annotate(n=Count("id")))
-        done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
-        if batch.is_finished or done + failed != after or time.monotonic() >= deadline:
-            break
-        time.sleep(STATUS_CHECK_SECONDS)
+    with WakeupSocket(PROGRESS) if wait else contextlib.nullcontext() as progress:  # bound before the first look
+        while True:
+            batch.refresh_from_db(fields=["status", "started_at", "error"])
+            counts = dict(batch.items.values_list("status").annotate(n=Count("id")))
+            done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
+            left = deadline - time.monotonic()
+            if batch.is_finished or done + failed != after or left <= 0:
+                break
+            progress.wait(min(left, STATUS_RECHECK_SECONDS))
     total = sum(counts.values())
     eta = None
     if batch.started_at and done and not batch.is_finished:

@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
+from django.db import IntegrityError
 from django.urls import reverse
 from django.utils import timezone
 
@@ -47,6 +48,15 @@ def test_one_bad_file_never_sinks_a_batch(technologist, tiny_record):
     batch.refresh_from_db()
     assert batch.status == Batch.Status.DONE
     assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
+
+
+def test_a_batch_that_cannot_be_stored_leaves_no_files_behind(technologist, tiny_record, settings):
+    submit_batch(technologist, _entries(2), tiny_record, name="First", idempotency_key="K-1")
+    files_before = sorted(p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file())
+    with pytest.raises(IntegrityError):  # the same idempotency key again: the database refuses the batch
+        submit_batch(technologist, _entries(3), tiny_record, name="Second", idempotency_key="K-1")
+    assert sorted(p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file()) == files_before
+    assert Batch.objects.count() == 1 and BatchItem.objects.count() == 2
 
 
 def test_a_batch_of_only_bad_files_finishes_at_once(technologist, tiny_record):

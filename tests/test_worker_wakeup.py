@@ -1,26 +1,30 @@
-"""The background worker sleeps on a socket and is woken when a batch is queued (no fast polling)."""
+"""Waiting without polling: the worker is woken when a batch is queued, a status long poll when a chunk is stored."""
 
 import socket
+import threading
 import time
 
 import pytest
+from django.urls import reverse
 
-from classifier.batches import submit_batch
+from classifier.batches import process_batch_now, submit_batch
 from classifier.models import Batch
 from classifier.uploads import NamedBytes
-from classifier.wakeup import WakeupSocket, notify_workers
+from classifier.wakeup import PROGRESS, WORKER, WakeupSocket, notify
 from tests.conftest import image_bytes, start_worker
 
 
 def test_a_notification_wakes_a_waiting_worker_socket(settings):
     with WakeupSocket() as wakeup:
         assert wakeup.path.parent == settings.WBC_WORKER_WAKEUP_DIR
-        assert notify_workers() == 1
-        notify_workers()  # two wake-ups before the worker looks count as one
+        assert notify(WORKER) == 1
+        notify(WORKER)  # two wake-ups before the worker looks count as one
         assert wakeup.wait(30) is True
         assert wakeup.wait(0) is False
+        assert notify(PROGRESS) == 0  # another channel
+        assert wakeup.wait(0) is False
     assert not wakeup.path.exists()
-    assert notify_workers() == 0
+    assert notify(WORKER) == 0
 
 
 def test_the_socket_of_a_worker_that_died_is_cleared_away(settings):
@@ -29,7 +33,7 @@ def test_the_socket_of_a_worker_that_died_is_cleared_away(settings):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(dead))
     sock.close()  # the process ended without removing its socket file
-    assert notify_workers() == 0
+    assert notify(WORKER) == 0
     assert not dead.exists()
 
 
@@ -55,3 +59,25 @@ def test_the_running_worker_starts_a_new_batch_when_woken_not_at_its_next_look(
     finally:
         worker.terminate()
         worker.wait(timeout=20)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiting_status_request_answers_when_the_worker_stores_progress(
+    settings, tech_client, technologist, tiny_record, monkeypatch
+):
+    from reports import views
+
+    monkeypatch.setattr(views, "STATUS_RECHECK_SECONDS", 60)  # only a wake-up can end the wait early
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i, 90, 160))) for i in range(3)]
+    batch = submit_batch(technologist, entries, tiny_record, name="Watched")
+    answer = {}
+    url = reverse("reports:batch_status", args=[batch.uid])
+    request = threading.Thread(target=lambda: answer.update(tech_client.get(url, {"wait": 10, "after": 0}).json()))
+    request.start()
+    while not list(settings.WBC_WORKER_WAKEUP_DIR.glob("progress-*.sock")):  # the request is waiting
+        assert request.is_alive()
+        time.sleep(0.01)
+    process_batch_now(batch.pk)
+    request.join(timeout=5)  # well before the request's own 10 s deadline
+    assert not request.is_alive()
+    assert answer["status"] == "done" and answer["done"] == 3
