@@ -7,7 +7,7 @@
 (b) the same images uploaded as one batch to a running gunicorn web server and background worker (fresh
     SQLite database and media folder), timed from the upload until the report is complete.
 
-After a warm-up, 5 rounds each time every path once, in turn; medians are reported. Prints images/s for
+After a warm-up, 7 rounds each time every path once, in turn; medians are reported. Prints images/s for
 each, the ratio of (b) to the faster raw path (the median of the per-round ratios), and the peak RSS of
 the web and worker processes. Without the data folder it uses realistic generated 360x363 JPEG smears instead.
 """
@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROUNDS = 5  # rounds of timing every path once; medians are reported (a shared CPU is noisy)
+ROUNDS = 7  # rounds of timing every path once; medians are reported (a shared CPU is noisy)
 END_TO_END = "(b) end to end: HTTP upload -> worker -> report"
 
 

@@ -141,8 +141,10 @@ def build_enhanced_cnn_v2(input_size: tuple[int, int], n_classes: int = 5) -> ke
 
 
 def _mobilenet_backbone(input_size: tuple[int, int], weights: str | None) -> keras.Model:
-    if weights and weights != "imagenet" and not str(weights).endswith(".h5"):
-        raise ValueError("--imagenet-weights must be 'imagenet' or a path to the no-top .h5 file")
+    if weights == "none":  # random initialisation: only for smoke tests of the training code itself
+        weights = None
+    elif weights != "imagenet" and not str(weights).endswith(".h5"):
+        raise ValueError("--imagenet-weights must be 'imagenet', a path to the no-top .h5 file, or 'none'")
     return keras.applications.MobileNetV2(input_shape=(*input_size, 3), include_top=False, alpha=1.0, weights=weights)
 
 
@@ -552,6 +554,10 @@ def _mobilenet_cache(config, parts, x_train, y_train, x_val, log):
     return train_acts, train_labels, val_acts
 
 
+def _average_pooled(detector_features: np.ndarray) -> np.ndarray:
+    return detector_features[:, : detector_features.shape[1] // 2]
+
+
 def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     parts = build_mobilenet_v2(config.input_size, config.imagenet_weights or "imagenet")
     train_acts, train_labels, val_acts = _mobilenet_cache(config, parts, x_train, y_train, x_val, log)
@@ -579,9 +585,10 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
             ],
         ).history
 
-    # Phase 1, the head: with everything below it frozen, train it on the pooled features directly.
-    pooled_train = predict_in_batches(parts.top_features, train_acts, None, batch_size=256)
-    pooled_val = predict_in_batches(parts.top_features, val_acts, None, batch_size=256)
+    # Phase 1, the head: with everything below it frozen, train it on the average-pooled features directly
+    # (the first half of the detector features; the second half, max pooling, only serves the detectors).
+    pooled_train = _average_pooled(predict_in_batches(parts.top_features, train_acts, None, batch_size=256))
+    pooled_val = _average_pooled(predict_in_batches(parts.top_features, val_acts, None, batch_size=256))
     head_input = keras.Input(shape=(pooled_train.shape[1],), name="pooled_features")
     head = keras.Model(
         head_input, parts.full.get_layer("probabilities")(parts.full.get_layer("head_dropout")(head_input))

@@ -202,6 +202,34 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert evaluated["metrics"]["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
 
 
+def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    call_command(
+        "train_model",
+        *("--arch", "mobilenet_v2_finetuned", "--data", str(tiny_dataset), "--out", str(out)),
+        *("--imagenet-weights", "none", "--epochs", "1", "--finetune-epochs", "1", "--augment-copies", "2"),
+    )
+    card = json.loads((out / "mobilenet_v2_finetuned.json").read_text())
+    assert card["input_size"] == [224, 224] and card["normalization"]["mean"] == [127.5] * 3
+    assert card["training"]["unfrozen_layers"][0].startswith("block_16_")
+    assert card["training"]["finetune_epochs_run"] == 1 and card["training"]["epochs_run"] == 2
+    assert card["metrics"]["test"]["n"] == 5 and card["ood"]["evaluated_on"].startswith("2 held-out images")
+    assert saved_without_optimizer(out / "mobilenet_v2_finetuned.keras")
+    from classifier.inference import ModelSpec, file_sha256, get_classifier
+
+    spec = ModelSpec(
+        path=out / "mobilenet_v2_finetuned.keras",
+        sha256=file_sha256(out / "mobilenet_v2_finetuned.keras"),
+        input_size=(224, 224),
+        normalization=card["normalization"],
+        class_names=tuple(card["class_names"]),
+        temperature=card["temperature"],
+        ood_path=out / "mobilenet_v2_finetuned.ood.npz",
+    )
+    results = get_classifier(spec).predict(np.zeros((2, 224, 224, 3), np.uint8))
+    assert len(results) == 2 and all(r.ood_score is not None for r in results)
+
+
 def test_batchnorm_recalibration_sets_the_exact_population_statistics():
     import keras
 

@@ -21,7 +21,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--imagenet-weights",
             default=None,
-            help="MobileNetV2 ImageNet weights: 'imagenet' (download) or the path of the no-top .h5 file",
+            help="MobileNetV2 ImageNet weights: 'imagenet' (download), the path of the no-top .h5 file, or 'none' "
+            "(random initialisation, for smoke tests)",
         )
         parser.add_argument("--augment-copies", type=int, default=4, help="MobileNetV2: augmented copies cached")
         parser.add_argument("--finetune-epochs", type=int, default=10, help="MobileNetV2 fine-tuned: phase-2 epochs")
