@@ -136,6 +136,11 @@ class OodDetector:
         )
 
 
+def average_pooled(features: np.ndarray) -> np.ndarray:
+    """The average-pooled half of the detector features (what the classifier's head sees)."""
+    return features[:, : features.shape[1] // 2]
+
+
 def split_non_wbc(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(fit half, measure half), per kind folder, by the hash rule."""
     fit, measure = [], []
@@ -173,7 +178,7 @@ def fit_ood(
     from sklearn.neural_network import MLPClassifier
 
     train_features = np.asarray(train_features, dtype=np.float64)
-    pooled = train_features[:, : train_features.shape[1] // 2]
+    pooled = average_pooled(train_features)
     classes = np.unique(train_labels)
     means = np.stack([pooled[train_labels == c].mean(axis=0) for c in classes])
     centred = pooled - means[np.searchsorted(classes, train_labels)]

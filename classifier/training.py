@@ -36,7 +36,7 @@ import tensorflow as tf
 from . import datasets
 from .inference import detector_features, serving_model
 from .metrics import apply_temperature, classification_report, fit_temperature
-from .ood import OodDetector, fit_ood, split_non_wbc
+from .ood import OodDetector, average_pooled, fit_ood, split_non_wbc
 from .preprocessing import Normalization
 
 ARCHITECTURES = ("enhanced_cnn_v2", "mobilenet_v2_head", "mobilenet_v2_finetuned")
@@ -386,8 +386,9 @@ def features_of_paths(model, normalization, paths: list[Path], size, dihedral: b
     if not paths:
         return None
     x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in paths], size)
-    views = dihedral_views(x) if dihedral else [x]
-    return np.concatenate([features_and_probs(model, view, normalization)[0] for view in views])
+    if dihedral:
+        x = np.concatenate(dihedral_views(x))  # rows view by view; one pass through one serving model
+    return features_and_probs(model, x, normalization)[0]
 
 
 def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=0.85):
@@ -554,10 +555,6 @@ def _mobilenet_cache(config, parts, x_train, y_train, x_val, log):
     return train_acts, train_labels, val_acts
 
 
-def _average_pooled(detector_features: np.ndarray) -> np.ndarray:
-    return detector_features[:, : detector_features.shape[1] // 2]
-
-
 def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
     parts = build_mobilenet_v2(config.input_size, config.imagenet_weights or "imagenet")
     train_acts, train_labels, val_acts = _mobilenet_cache(config, parts, x_train, y_train, x_val, log)
@@ -587,8 +584,8 @@ def _train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
 
     # Phase 1, the head: with everything below it frozen, train it on the average-pooled features directly
     # (the first half of the detector features; the second half, max pooling, only serves the detectors).
-    pooled_train = _average_pooled(predict_in_batches(parts.top_features, train_acts, None, batch_size=256))
-    pooled_val = _average_pooled(predict_in_batches(parts.top_features, val_acts, None, batch_size=256))
+    pooled_train = average_pooled(predict_in_batches(parts.top_features, train_acts, None, batch_size=256))
+    pooled_val = average_pooled(predict_in_batches(parts.top_features, val_acts, None, batch_size=256))
     head_input = keras.Input(shape=(pooled_train.shape[1],), name="pooled_features")
     head = keras.Model(
         head_input, parts.full.get_layer("probabilities")(parts.full.get_layer("head_dropout")(head_input))
