@@ -80,6 +80,7 @@ def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
         ood,
         ood_path,
         evaluate_ood(model, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size),
+        outlier_exposure="outlier_exposure" in card.get("training", {}),
     )
     model_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card["ood"]

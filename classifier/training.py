@@ -43,6 +43,8 @@ ARCHITECTURES = ("enhanced_cnn_v2", "mobilenet_v2_head", "mobilenet_v2_finetuned
 MOBILENET_SPLIT_LAYER = "block_15_add"
 MOBILENET_TRAINABLE_PREFIXES = ("block_16_", "Conv_1")
 IMAGENET_NORMALIZATION = Normalization("zscore", (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+OUTLIER_REPEATS = 4  # outlier exposure (enhanced_cnn_v2): passes over the non-WBC fitting half per epoch
+OUTLIER_WEIGHT = 0.5  # their share of the loss relative to the WBC images (lambda in Hendrycks et al.)
 
 Log = Callable[[str], None]
 
@@ -317,7 +319,7 @@ def train(config: TrainConfig, log: Log = print) -> dict:
             "ece_before": uncalibrated["ece"],
             "ece_after": report["ece"],
         },
-        "ood": ood_card(ood, ood_path, ood_eval),
+        "ood": ood_card(ood, ood_path, ood_eval, outlier_exposure="outlier_exposure" in config.extra),
         "data": {
             "source": "PBC dataset: Acevedo A., Merino A., et al. (2020) 'A dataset of microscopic peripheral blood "
             "cell images for development of automatic recognition systems', Data in Brief 30:105474, "
@@ -412,9 +414,13 @@ def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs
     }
 
 
-def ood_card(ood: OodDetector, ood_path: Path, ood_eval: dict) -> dict:
+def ood_card(ood: OodDetector, ood_path: Path, ood_eval: dict, outlier_exposure: bool = False) -> dict:
+    exposure = (
+        "The classifier itself was trained with outlier exposure (training.outlier_exposure): it learned to spread "
+        "its confidence over the five classes for the fitting half of pbc-non-wbc/. "
+    )
     return {
-        "method": ood.describe(),
+        "method": (exposure if outlier_exposure else "") + ood.describe(),
         "file": ood_path.name,
         "sha256": sha256_file(ood_path),
         "distance_threshold": ood.distance_threshold,
@@ -438,15 +444,8 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
         metrics=["accuracy"],
     )
     n_classes = len(weights)
-    sample_weights = weights[y_train].astype(np.float32)
-    train_data = AugmentedBatches(
-        x_train,
-        np.eye(n_classes, dtype=np.float32)[y_train],
-        sample_weights,
-        config.batch_size,
-        normalization,
-        config.seed,
-    )
+    x_fit, y_fit, w_fit = with_outlier_exposure(config, x_train, y_train, weights, log)
+    train_data = AugmentedBatches(x_fit, y_fit, w_fit, config.batch_size, normalization, config.seed)
     val_x = normalization.apply(x_val)
     val_y = np.eye(n_classes, dtype=np.float32)[y_val]
     checkpoint = config.out_dir / f".{config.arch}.checkpoint.weights.h5"
@@ -471,6 +470,36 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     train_features, _ = features_and_probs(served, x_train, normalization)
     val_features, val_probs = features_and_probs(served, x_val, normalization)
     return TrainResult(served, normalization, history.history, train_features, val_features, val_probs)
+
+
+def with_outlier_exposure(config, x_train, y_train, weights, log):
+    """Training arrays (images, targets, sample weights), with outlier exposure when non-WBC cells are at hand.
+
+    Outlier exposure (Hendrycks et al., ICLR 2019): the fitting half of ``pbc-non-wbc/`` (never the measuring
+    half) joins training with a *uniform* target over the five classes, so the network learns to be unsure
+    about platelets, erythroblasts and immature granulocytes instead of calling them a confident neutrophil.
+    The outliers are repeated ``OUTLIER_REPEATS`` times (each time freshly augmented) and weighted so that
+    their loss counts ``OUTLIER_WEIGHT`` times the WBC loss, the paper's lambda.
+    """
+    n_classes = len(weights)
+    targets = np.eye(n_classes, dtype=np.float32)[y_train]
+    sample_weights = weights[y_train].astype(np.float32)
+    fit_half, _ = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
+    if not fit_half:
+        return x_train, targets, sample_weights
+    x_out, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in fit_half], config.input_size)
+    x_out = np.concatenate([x_out] * OUTLIER_REPEATS)
+    w_out = np.full(len(x_out), OUTLIER_WEIGHT * sample_weights.sum() / len(x_out), np.float32)
+    config.extra["outlier_exposure"] = (
+        f"{len(fit_half)} images (the fitting half of pbc-non-wbc/) x{OUTLIER_REPEATS}, augmented, with a uniform "
+        f"target over the five classes; their loss weighs {OUTLIER_WEIGHT} x the WBC loss"
+    )
+    log(f"outlier exposure: {len(fit_half)} non-WBC images x{OUTLIER_REPEATS} with a uniform target")
+    return (
+        np.concatenate([x_train, x_out]),
+        np.concatenate([targets, np.full((len(x_out), n_classes), 1.0 / n_classes, np.float32)]),
+        np.concatenate([sample_weights, w_out]),
+    )
 
 
 def recalibrate_batchnorm(

@@ -76,20 +76,23 @@ def test_model_classifies_real_test_images_at_its_cards_accuracy(card_path, sett
     pixels = np.stack([load_path(str(s.path), record.input_size) for s in sample])
     results = classifier.predict(pixels)
     accuracy = np.mean([r.class_index == s.label for r, s in zip(results, sample, strict=True)])
-    card_accuracy = _card(card_path)["metrics"]["test"]["accuracy"]
+    card = _card(card_path)
+    card_accuracy = card["metrics"]["test"]["accuracy"]
     assert accuracy >= card_accuracy - 0.06, f"{accuracy:.3f} on 80 test images vs {card_accuracy:.3f} in the card"
+    flagged = np.mean([r.confidence < 0.85 or r.is_outlier for r in results])
+    assert flagged <= card["ood"]["wbc_flagged_share"] + 0.08, f"{flagged:.3f} of 80 WBC flagged for review"
 
 
 @pytest.mark.slow
 @pytest.mark.django_db
-def test_finetuned_model_flags_held_out_non_wbc_cells_for_review(settings, tmp_path):
+@pytest.mark.parametrize("architecture", ["enhanced_cnn_v2", "mobilenet_v2_finetuned"])
+def test_model_flags_held_out_non_wbc_cells_for_review(architecture, settings, tmp_path):
     from classifier.ood import split_non_wbc
 
-    require_shared_data()
     non_wbc = Path(require_shared_data()).parent / "pbc-non-wbc"
     paths = sorted(p for p in non_wbc.rglob("*.jpg"))
     _, held_out = split_non_wbc(paths)
-    card_path = BUNDLED_MODELS / "mobilenet_v2_finetuned.json"
+    card_path = BUNDLED_MODELS / f"{architecture}.json"
     record = _registered(card_path, settings, tmp_path)
     classifier = get_classifier(record.spec())
     pixels = np.stack([load_path(str(p), record.input_size) for p in held_out[::3]])

@@ -181,6 +181,8 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert card["metrics"]["test"]["n"] == 5
     assert card["trained_with"]["command"].startswith("python manage.py train_model")
     assert card["ood"]["evaluated_on"].startswith("2 held-out images")
+    assert card["training"]["outlier_exposure"].startswith("2 images (the fitting half of pbc-non-wbc/) x4")
+    assert card["ood"]["method"].startswith("The classifier itself was trained with outlier exposure")
     from classifier.inference import file_sha256
 
     assert file_sha256(out / "enhanced_cnn_v2.keras") == card["sha256"]
@@ -200,6 +202,44 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert "accuracy=" in printed and "confusion matrix" in printed
     evaluated = json.loads((tmp_path / "m.json").read_text())
     assert evaluated["metrics"]["accuracy"] == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+    (out / "enhanced_cnn_v2.ood.npz").unlink()
+    call_command("fit_ood", str(out / "enhanced_cnn_v2.keras"), "--data", str(tiny_dataset))
+    refitted = json.loads((out / "enhanced_cnn_v2.json").read_text())["ood"]
+    assert file_sha256(out / "enhanced_cnn_v2.ood.npz") == refitted["sha256"]
+    assert refitted["method"] == card["ood"]["method"]  # still says how the classifier was trained
+
+
+def test_outlier_exposure_adds_only_the_fitting_half_of_non_wbc_with_uniform_targets(tiny_dataset, tmp_path):
+    from classifier.training import OUTLIER_REPEATS, OUTLIER_WEIGHT, TrainConfig, class_weights, with_outlier_exposure
+
+    platelets = sorted((tmp_path / "pbc-non-wbc" / "platelet").glob("*.jpg"))
+    for i, path in enumerate(platelets):  # four different looks, so the halves can be told apart
+        path.write_bytes(image_bytes(size=(48, 48), fmt="JPEG", color=(240, 60 * i, 90)))
+    fit_half, _ = split_non_wbc(platelets)
+    config = TrainConfig("enhanced_cnn_v2", tiny_dataset, tmp_path / "out", input_size=(16, 16))
+    x, y = datasets.load_arrays(datasets.split_samples(datasets.list_images(tiny_dataset))["train"], (16, 16))
+
+    images, targets, weights = with_outlier_exposure(config, x, y, class_weights(y, 5), log=lambda _: None)
+
+    wbc, outliers = slice(0, len(x)), slice(len(x), None)
+    assert len(images) == len(x) + len(fit_half) * OUTLIER_REPEATS
+    np.testing.assert_array_equal(images[wbc], x)
+    np.testing.assert_array_equal(targets[wbc].argmax(axis=1), y)
+    expected, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in fit_half], (16, 16))
+    np.testing.assert_array_equal(images[outliers], np.concatenate([expected] * OUTLIER_REPEATS))
+    np.testing.assert_allclose(targets[outliers], 0.2)
+    assert weights[outliers].sum() == pytest.approx(OUTLIER_WEIGHT * weights[wbc].sum())
+
+
+def test_without_non_wbc_images_training_data_is_the_wbc_split_alone(tmp_path):
+    from classifier.training import TrainConfig, with_outlier_exposure
+
+    config = TrainConfig("enhanced_cnn_v2", tmp_path / "pbc", tmp_path / "out", input_size=(16, 16))
+    x, y = np.zeros((3, 16, 16, 3), np.uint8), np.array([0, 1, 4])
+    images, targets, weights = with_outlier_exposure(config, x, y, np.ones(5), log=lambda _: None)
+    assert images is x and targets.shape == (3, 5) and weights.tolist() == [1.0, 1.0, 1.0]
+    assert "outlier_exposure" not in config.extra
 
 
 def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dataset, tmp_path):
