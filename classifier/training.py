@@ -2,7 +2,8 @@
 
 Three architectures share one split, one preprocessing path and one model-card format:
 
-* ``enhanced_cnn_v2``: a small CNN trained from scratch, end to end with on-the-fly augmentation.
+* ``enhanced_cnn_v2``: a small CNN trained from scratch, end to end with on-the-fly augmentation and
+  outlier exposure (non-WBC cells with a uniform target).
 * ``mobilenet_v2_head``: ImageNet MobileNetV2 frozen; a dropout + softmax head on top.
 * ``mobilenet_v2_finetuned``: the same, then the last block (``block_16`` and ``Conv_1``) unfrozen
   except its BatchNormalization layers.
@@ -472,7 +473,9 @@ def _train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     return TrainResult(served, normalization, history.history, train_features, val_features, val_probs)
 
 
-def with_outlier_exposure(config, x_train, y_train, weights, log):
+def with_outlier_exposure(
+    config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, weights: np.ndarray, log: Log
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training arrays (images, targets, sample weights), with outlier exposure when non-WBC cells are at hand.
 
     Outlier exposure (Hendrycks et al., ICLR 2019): the fitting half of ``pbc-non-wbc/`` (never the measuring
