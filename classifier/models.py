@@ -110,6 +110,14 @@ class ClassifierModel(models.Model):
     def input_size(self) -> tuple[int, int]:
         return (self.input_height, self.input_width)
 
+    @property
+    def review_rates(self) -> dict | None:
+        """From the card: shares of held-out non-WBC cells and of WBC test images flagged for review at 0.85."""
+        ood = self.card.get("ood") or {}
+        if "non_wbc_flagged_share" not in ood or "wbc_flagged_share" not in ood:
+            return None
+        return {"non_wbc": ood["non_wbc_flagged_share"], "wbc": ood["wbc_flagged_share"]}
+
     def spec(self, normalization: dict | None = None) -> ModelSpec:
         """How to serve this model; ``normalization`` overrides the card's (the user's choice)."""
         ood = Path(settings.WBC_MODELS_DIR) / self.ood_file_name if self.ood_file_name else None

@@ -211,3 +211,12 @@ def test_admin_add_goes_through_the_validated_upload(model_admin_client, model_a
 def test_models_page_lists_bundled_and_lab_models(tech_client, tiny_record):
     page = tech_client.get(reverse("classifier:models")).text
     assert "Tiny CNN" in page and "0–1 scaling" in page
+
+
+def test_models_page_shows_how_often_each_model_sends_cells_to_review(tech_client, tiny_record, second_record):
+    second_record.card = {"ood": {"non_wbc_flagged_share": 0.9487, "wbc_flagged_share": 0.0237}}
+    second_record.save(update_fields=["card"])
+    page = tech_client.get(reverse("classifier:models")).text
+    assert "Review flags: non-WBC / WBC" in page
+    assert "94.9% / 2.4%" in page
+    assert tiny_record.review_rates is None  # no card numbers: the page shows a dash, not a made-up rate
