@@ -61,7 +61,7 @@ def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
         features, raw = features_and_probs(model, x, normalization)
         outputs[name] = (features, apply_temperature(raw, temperature), y)
         log(f"features of the {name} split: {features.shape}")
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(data_dir).parent / "pbc-non-wbc")
+    non_wbc_fit, non_wbc_measure = non_wbc_halves(data_dir)
     ood = fit_ood(
         outputs["train"][0],
         outputs["train"][2],

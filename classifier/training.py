@@ -280,7 +280,7 @@ def train(config: TrainConfig, log: Log = print) -> dict:
 
     # Calibration and the out-of-distribution detectors are fitted on train/validation (and half of non-WBC).
     temperature = fit_temperature(result.val_probs, y_val)
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
+    non_wbc_fit, non_wbc_measure = non_wbc_halves(config.data_dir)
     non_wbc_features = features_of_paths(served, normalization, non_wbc_fit, size, dihedral=True)
     val_confidence = apply_temperature(result.val_probs, temperature).max(axis=1)
     ood = fit_ood(result.train_features, y_train, result.val_features, val_confidence, non_wbc_features)
@@ -371,7 +371,9 @@ def features_and_probs(model: keras.Model, x: np.ndarray, normalization: Normali
     return np.concatenate(features), np.concatenate(probs)
 
 
-def non_wbc_halves(non_wbc_dir: Path) -> tuple[list[Path], list[Path]]:
+def non_wbc_halves(data_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(fit half, measure half) of ``pbc-non-wbc/`` beside the WBC ``data_dir``; empty when it is absent."""
+    non_wbc_dir = Path(data_dir).parent / "pbc-non-wbc"
     if not non_wbc_dir.is_dir():
         return [], []
     paths = sorted(p for p in non_wbc_dir.rglob("*") if p.suffix.lower() in datasets.IMAGE_SUFFIXES)
@@ -487,7 +489,7 @@ def with_outlier_exposure(
     n_classes = len(weights)
     targets = np.eye(n_classes, dtype=np.float32)[y_train]
     sample_weights = weights[y_train].astype(np.float32)
-    fit_half, _ = non_wbc_halves(Path(config.data_dir).parent / "pbc-non-wbc")
+    fit_half, _ = non_wbc_halves(config.data_dir)
     if not fit_half:
         return x_train, targets, sample_weights
     x_out, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in fit_half], config.input_size)
