@@ -41,7 +41,7 @@ END_TO_END = "(b) end to end: HTTP upload -> worker -> report"
 
 def load_images(data: Path, n: int) -> list[tuple[str, bytes]]:
     if data.is_dir():
-        from classifier import datasets
+        from wbc_ml import datasets
 
         test_split = datasets.split_samples(datasets.list_images(data))["test"]
         chosen = test_split[:: max(1, len(test_split) // n)][:n]
@@ -65,9 +65,9 @@ def raw_paths(card_path: Path, images: list[tuple[str, bytes]], onnx_dir: Path) 
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    from classifier.inference import KerasBackend, OnnxBackend, load_keras_model
-    from classifier.onnx_export import export_onnx
-    from classifier.preprocessing import Normalization, load_pixels
+    from wbc_ml.inference import KerasBackend, OnnxBackend, load_keras_model
+    from wbc_ml.onnx_export import export_onnx
+    from wbc_ml.preprocessing import Normalization, load_pixels
 
     card = json.loads(card_path.read_text())
     size = tuple(card["input_size"])

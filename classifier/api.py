@@ -22,6 +22,8 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from wbc_ml.preprocessing import ImageRejected
+
 from .api_support import (
     ApiError,
     ImageRejectedError,
@@ -33,7 +35,6 @@ from .authentication import ApiRateThrottle, CanClassify, IsLabMember, SubmitRat
 from .batches import fetch_url
 from .fetch import UrlRefused
 from .models import ApiToken, ClassifierModel, Prediction
-from .preprocessing import ImageRejected
 from .scoping import get_scoped_or_404, scoped
 from .serializers import (
     ApiTokenSerializer,

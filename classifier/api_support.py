@@ -24,7 +24,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from .inference import ModelUnavailable
+from wbc_ml.inference import ModelUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from django.db import transaction
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
+from wbc_ml.inference import ModelUnavailable, get_classifier
+from wbc_ml.preprocessing import ImageRejected, decode_image, resize
+
 from .fetch import UrlRefused, fetch_image_bytes
-from .inference import ModelUnavailable, get_classifier
 from .models import Batch, BatchItem, ClassifierModel, Prediction
-from .preprocessing import ImageRejected, decode_image, resize
 from .uploads import Limits, NamedBytes, UploadRefused
 from .wakeup import PROGRESS, WORKER, notify
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from .model_validation import ModelRejected, validate_model_file
+from wbc_ml.vetting import ModelRejected, validate_model_file
+
 from .models import ClassifierModel
 
 EXTENSIONS = {"keras": ".keras", "h5": ".h5"}
@@ -67,7 +68,7 @@ def register_custom_model(
     except BaseException:
         final.unlink(missing_ok=True)
         raise
-    from .onnx_export import ensure_onnx
+    from .registry import ensure_onnx
 
     ensure_onnx(record)
     return record

@@ -2,8 +2,9 @@ import json
 
 from django import forms
 
+from wbc_ml.preprocessing import Normalization
+
 from .models import NORMALIZATION_LABELS, THRESHOLD_MAX, THRESHOLD_MIN, ClassifierModel
-from .preprocessing import Normalization
 
 
 class ModelSelect(forms.Select):

@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractUser
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-from .inference import ModelSpec
+from wbc_ml.inference import ModelSpec
 
 THRESHOLD_MIN, THRESHOLD_MAX = 0.50, 0.99
 NORMALIZATION_LABELS = {"scale01": "0–1 scaling", "zscore": "Mean–Std z-score"}

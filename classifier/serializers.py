@@ -15,8 +15,9 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from wbc_ml.preprocessing import Normalization
+
 from .models import THRESHOLD_MAX, THRESHOLD_MIN, ApiToken, ClassifierModel, Prediction
-from .preprocessing import Normalization
 from .scoping import scoped
 
 THRESHOLD_HELP = f"Review threshold, {THRESHOLD_MIN:.2f}–{THRESHOLD_MAX:.2f}: below it (or an outlier) needs review."

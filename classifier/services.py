@@ -9,9 +9,10 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
 
-from .inference import ModelUnavailable, get_classifier
+from wbc_ml.inference import ModelUnavailable, get_classifier
+from wbc_ml.preprocessing import ImageRejected, decode_image, resize
+
 from .models import ClassifierModel, Prediction
-from .preprocessing import ImageRejected, decode_image, resize
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
 

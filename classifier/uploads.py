@@ -12,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .datasets import IMAGE_SUFFIXES
+from wbc_ml.datasets import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
+from wbc_ml.inference import ModelUnavailable
+from wbc_ml.preprocessing import ImageRejected
+from wbc_ml.vetting import ModelRejected
+
 from .batches import batch_limits, fetch_url, fetch_urls, submit_batch
 from .custom_models import register_custom_model
 from .fetch import UrlRefused
 from .forms import BatchForm, ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
-from .inference import ModelUnavailable
-from .model_validation import ModelRejected
 from .models import ClassifierModel, Prediction
-from .preprocessing import ImageRejected
 from .scoping import get_scoped_or_404, scoped
 from .services import UploadedImage, classify_image, ensure_saliency, read_upload, remember_model
 from .uploads import UploadRefused, expand_uploads

@@ -16,8 +16,8 @@ from django.utils import timezone
 from sklearn.exceptions import UndefinedMetricWarning
 
 from classifier import batches
-from classifier.metrics import classification_report
 from classifier.models import THRESHOLD_MAX, THRESHOLD_MIN, Batch, BatchItem, ClassifierModel
+from wbc_ml.metrics import classification_report
 
 from . import figures
 from .labels import LabelMatch, ParsedLabels, match_labels, parse_label_csv

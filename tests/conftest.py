@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classifier.datasets import WBC_CLASSES
+from wbc_ml.datasets import WBC_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODELS = REPO / "models"
@@ -109,8 +109,8 @@ def models_dir(tmp_path, settings, tiny_model_file) -> Path:
 
 @pytest.fixture
 def tiny_record(db, models_dir):
-    from classifier.inference import file_sha256
     from classifier.models import ClassifierModel
+    from wbc_ml.checksums import file_sha256
 
     return ClassifierModel.objects.create(
         name="Tiny CNN",
@@ -188,7 +188,7 @@ def _fresh_media(settings, tmp_path):
 
 @pytest.fixture(autouse=True)
 def _fresh_classifier_cache():
-    from classifier.inference import clear_cache
+    from wbc_ml.inference import clear_cache
 
     clear_cache()
     yield

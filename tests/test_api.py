@@ -14,11 +14,11 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from classifier.inference import file_sha256
 from classifier.models import ApiToken, Batch, BatchItem, ClassifierModel, Prediction, User
 from reports import api as batches_api
 from reports.models import EvaluationRun
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, make_known_batch
+from wbc_ml.checksums import file_sha256
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 KNOWN_ROWS = [("n1.png", 4, 0.99, False), ("n2.png", 4, 0.90, False), ("l1.png", 2, 0.95, False)]

@@ -9,9 +9,9 @@ import shutil
 import pytest
 from django.urls import reverse
 
-from classifier.inference import file_sha256
 from classifier.models import Batch, ClassifierModel, Prediction
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, start_worker
+from wbc_ml.checksums import file_sha256
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classifier import datasets
-from classifier.inference import file_sha256, get_classifier
-from classifier.preprocessing import load_path
 from tests.conftest import BUNDLED_MODELS, require_shared_data
 from tests.test_training import saved_without_optimizer
+from wbc_ml import datasets
+from wbc_ml.checksums import file_sha256
+from wbc_ml.inference import get_classifier
+from wbc_ml.preprocessing import load_path
 
 CARDS = sorted(BUNDLED_MODELS.glob("*.json"))
 ARCHITECTURES = {"enhanced_cnn_v2", "mobilenet_v2_head", "mobilenet_v2_finetuned"}
@@ -87,7 +88,7 @@ def test_model_classifies_real_test_images_at_its_cards_accuracy(card_path, sett
 @pytest.mark.django_db
 @pytest.mark.parametrize("architecture", ["enhanced_cnn_v2", "mobilenet_v2_finetuned"])
 def test_model_flags_held_out_non_wbc_cells_for_review(architecture, settings, tmp_path):
-    from classifier.ood import split_non_wbc
+    from wbc_ml.ood import split_non_wbc
 
     non_wbc = Path(require_shared_data()).parent / "pbc-non-wbc"
     paths = sorted(p for p in non_wbc.rglob("*.jpg"))

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from classifier.inference import ModelUnavailable, get_classifier
-from classifier.metrics import apply_temperature
-from classifier.preprocessing import load_pixels
 from tests.conftest import TINY_SIZE, image_bytes
+from wbc_ml.inference import ModelUnavailable, get_classifier
+from wbc_ml.metrics import apply_temperature
+from wbc_ml.preprocessing import load_pixels
 
 
 def test_tiny_model_gives_a_probability_per_class(tiny_record):
@@ -55,7 +55,7 @@ def test_altered_model_file_is_refused(tiny_record, models_dir):
 
 
 def test_unloadable_model_file_is_a_clear_error(tiny_record, models_dir):
-    from classifier.inference import file_sha256
+    from wbc_ml.checksums import file_sha256
 
     (models_dir / "tiny.keras").write_bytes(b"PK\x03\x04 not really a keras archive")
     tiny_record.sha256 = file_sha256(models_dir / "tiny.keras")

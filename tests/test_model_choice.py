@@ -6,9 +6,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
-from classifier.inference import file_sha256
 from classifier.models import ClassifierModel, Prediction
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes
+from wbc_ml.checksums import file_sha256
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_bad_zscore_numbers_are_refused(tech_client, tiny_record, mean, std, mes
 
 
 def test_same_file_with_another_normalisation_shares_the_loaded_model(tiny_record):
-    from classifier.inference import get_classifier
+    from wbc_ml.inference import get_classifier
 
     a = get_classifier(tiny_record.spec())
     b = get_classifier(tiny_record.spec({"method": "zscore", "mean": [1, 2, 3], "std": [4, 5, 6]}))

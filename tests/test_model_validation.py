@@ -1,4 +1,4 @@
-"""Vetting uploaded Keras model files (classifier.model_validation).
+"""Vetting uploaded Keras model files (wbc_ml.vetting).
 
 The tiny models are built once per module in this process; every check that really loads a model
 does so in a separate process that imports TensorFlow (several seconds each), so only the tests
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from classifier import model_validation
-from classifier.model_validation import (
+from wbc_ml import vetting
+from wbc_ml.checksums import file_sha256
+from wbc_ml.vetting import (
     ModelRejected,
     ValidatedModel,
     detect_format,
@@ -79,7 +80,7 @@ def no_loader(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the loader process should not have been started")
 
-    monkeypatch.setattr(model_validation, "_load_in_child", refuse)
+    monkeypatch.setattr(vetting, "_load_in_child", refuse)
 
 
 def _loader_children() -> set[int]:
@@ -112,7 +113,7 @@ def test_a_valid_keras_archive_passes(files):  # loads
     assert len(result.probe_probabilities) == 5
     assert sum(result.probe_probabilities) == pytest.approx(1.0, abs=1e-3)
     assert all(0.0 <= p <= 1.0 for p in result.probe_probabilities)
-    assert result.sha256 == model_validation.file_sha256(files["good.keras"])
+    assert result.sha256 == file_sha256(files["good.keras"])
     assert len(result.sha256) == 64
 
 
@@ -149,7 +150,7 @@ def test_a_custom_registered_layer_is_refused_by_name(files, no_loader):
 def test_keras_safe_mode_in_the_loader_also_refuses_a_lambda(files):  # loads
     """Defence in depth: even if the inspection were bypassed, the loader runs with safe_mode=True."""
     with pytest.raises(ModelRejected, match=r"(?i)keras could not load the model.*lambda"):
-        model_validation._load_in_child(
+        vetting._load_in_child(
             files["lambda.keras"], "keras", expected_classes=5, timeout_s=60, memory_limit_mb=4096, sleep_s=0
         )
 

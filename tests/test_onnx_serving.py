@@ -2,10 +2,11 @@ import logging
 
 import numpy as np
 
-from classifier.inference import KerasBackend, OnnxBackend, get_classifier
-from classifier.onnx_export import ensure_onnx, probe_batch
-from classifier.preprocessing import load_pixels
+from classifier.registry import ensure_onnx
 from tests.conftest import TINY_SIZE, image_bytes
+from wbc_ml.inference import KerasBackend, OnnxBackend, get_classifier
+from wbc_ml.onnx_export import probe_batch
+from wbc_ml.preprocessing import load_pixels
 
 
 def _pixels(n=6):

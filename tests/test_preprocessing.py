@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classifier.preprocessing import ImageRejected, Normalization, decode_image, load_pixels, resize
 from tests.conftest import image_bytes
+from wbc_ml.preprocessing import ImageRejected, Normalization, decode_image, load_pixels, resize
 
 
 def test_scale01_maps_0_255_to_unit_interval():

@@ -3,10 +3,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from classifier import saliency
-from classifier.inference import get_classifier
-from classifier.preprocessing import decode_image, resize
 from tests.conftest import TINY_SIZE, image_bytes
+from wbc_ml import saliency
+from wbc_ml.inference import get_classifier
+from wbc_ml.preprocessing import decode_image, resize
 
 
 def _pixels():

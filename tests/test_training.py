@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from classifier import datasets
-from classifier.metrics import apply_temperature, classification_report, expected_calibration_error, fit_temperature
-from classifier.ood import fit_ood, split_non_wbc
 from tests.conftest import image_bytes
+from wbc_ml import datasets
+from wbc_ml.metrics import apply_temperature, classification_report, expected_calibration_error, fit_temperature
+from wbc_ml.ood import fit_ood, split_non_wbc
 
 CLASS_COLOURS = {
     "basophil": (80, 40, 140),
@@ -61,7 +61,7 @@ def test_missing_class_folder_is_an_error(tmp_path):
 
 
 def test_augmentation_keeps_shape_and_range():
-    from classifier.training import augment_batch
+    from wbc_ml.training import augment_batch
 
     images = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
     out = augment_batch(images, np.random.default_rng(1))
@@ -71,7 +71,7 @@ def test_augmentation_keeps_shape_and_range():
 
 
 def test_class_weights_favour_rare_classes():
-    from classifier.training import class_weights
+    from wbc_ml.training import class_weights
 
     weights = class_weights(np.array([0] * 10 + [1] * 30), 2)
     np.testing.assert_allclose(weights, [2.0, 2 / 3])
@@ -129,7 +129,7 @@ def test_mahalanobis_distance_matches_the_textbook_formula():
 
 
 def test_detector_threshold_keeps_validation_flags_within_the_budget_and_survives_saving(tmp_path):
-    from classifier.ood import VAL_FLAGGED_BUDGET, OodDetector
+    from wbc_ml.ood import VAL_FLAGGED_BUDGET, OodDetector
 
     rng = np.random.default_rng(2)
     train = rng.normal(0, 1, size=(600, 8))
@@ -183,7 +183,7 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert card["ood"]["evaluated_on"].startswith("2 held-out images")
     assert card["training"]["outlier_exposure"].startswith("2 images (the fitting half of pbc-non-wbc/) x4")
     assert card["ood"]["method"].startswith("The classifier itself was trained with outlier exposure")
-    from classifier.inference import file_sha256
+    from wbc_ml.checksums import file_sha256
 
     assert file_sha256(out / "enhanced_cnn_v2.keras") == card["sha256"]
     assert saved_without_optimizer(out / "enhanced_cnn_v2.keras")
@@ -211,7 +211,7 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
 
 
 def test_outlier_exposure_adds_only_the_fitting_half_of_non_wbc_with_uniform_targets(tiny_dataset, tmp_path):
-    from classifier.training import OUTLIER_REPEATS, OUTLIER_WEIGHT, TrainConfig, class_weights, with_outlier_exposure
+    from wbc_ml.training import OUTLIER_REPEATS, OUTLIER_WEIGHT, TrainConfig, class_weights, with_outlier_exposure
 
     platelets = sorted((tmp_path / "pbc-non-wbc" / "platelet").glob("*.jpg"))
     for i, path in enumerate(platelets):  # four different looks, so the halves can be told apart
@@ -233,7 +233,7 @@ def test_outlier_exposure_adds_only_the_fitting_half_of_non_wbc_with_uniform_tar
 
 
 def test_without_non_wbc_images_training_data_is_the_wbc_split_alone(tmp_path):
-    from classifier.training import TrainConfig, with_outlier_exposure
+    from wbc_ml.training import TrainConfig, with_outlier_exposure
 
     config = TrainConfig("enhanced_cnn_v2", tmp_path / "pbc", tmp_path / "out", input_size=(16, 16))
     x, y = np.zeros((3, 16, 16, 3), np.uint8), np.array([0, 1, 4])
@@ -255,7 +255,8 @@ def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dat
     assert card["training"]["finetune_epochs_run"] == 1 and card["training"]["epochs_run"] == 2
     assert card["metrics"]["test"]["n"] == 5 and card["ood"]["evaluated_on"].startswith("2 held-out images")
     assert saved_without_optimizer(out / "mobilenet_v2_finetuned.keras")
-    from classifier.inference import ModelSpec, file_sha256, get_classifier
+    from wbc_ml.checksums import file_sha256
+    from wbc_ml.inference import ModelSpec, get_classifier
 
     spec = ModelSpec(
         path=out / "mobilenet_v2_finetuned.keras",
@@ -273,7 +274,7 @@ def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dat
 def test_batchnorm_recalibration_sets_the_exact_population_statistics():
     import keras
 
-    from classifier.training import recalibrate_batchnorm
+    from wbc_ml.training import recalibrate_batchnorm
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))

@@ -20,8 +20,8 @@ class Command(BaseCommand):
         parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
 
     def handle(self, *args, **options):
-        from classifier.evaluation import evaluate_saved_model
-        from classifier.metrics import format_report
+        from wbc_ml.evaluation import evaluate_saved_model
+        from wbc_ml.metrics import format_report
 
         if not options["model"].is_file():
             raise CommandError(f"{options['model']} does not exist")

@@ -12,7 +12,7 @@ class Command(BaseCommand):
         parser.add_argument("--data", required=True, type=Path, help="the pbc/ folder; pbc-non-wbc/ must be beside it")
 
     def handle(self, *args, **options):
-        from classifier.evaluation import refit_ood
+        from wbc_ml.evaluation import refit_ood
 
         if not options["model"].is_file() or not options["data"].is_dir():
             raise CommandError("give an existing model file and data folder")

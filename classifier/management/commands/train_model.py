@@ -53,7 +53,7 @@ class Command(BaseCommand):
         return shlex.join(parts)
 
     def handle(self, *args, **options):
-        from classifier.training import TrainConfig, train  # TensorFlow loads only when training
+        from wbc_ml.training import TrainConfig, train  # TensorFlow loads only when training
 
         if not options["data"].is_dir():
             raise CommandError(f"--data {options['data']} is not a folder")

@@ -7,7 +7,6 @@ never start TensorFlow). The rest of the code sees numpy arrays and plain result
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checksums import file_sha256
 from .metrics import apply_temperature
 from .ood import OodDetector
 from .preprocessing import Normalization
@@ -46,14 +46,6 @@ class Result:
     confidence: float
     ood_score: float | None
     is_outlier: bool
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _import_keras():

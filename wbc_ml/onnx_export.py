@@ -51,21 +51,6 @@ def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], 
     return difference
 
 
-def ensure_onnx(record) -> None:
-    """Give a ClassifierModel record its checked ONNX copy, or record why it serves with TensorFlow."""
-    from django.conf import settings
-
-    onnx_name = f"{record.sha256[:20]}-{SERVING_LAYOUT}.onnx"
-    onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_name
-    if record.onnx_file_name == onnx_name and onnx_path.is_file():
-        return
-    try:
-        difference = export_onnx(record.path, onnx_path, record.input_size, record.normalization)
-    except Exception as exc:  # any failure means: serve with TensorFlow, and say why
-        record.onnx_file_name = ""
-        record.onnx_status = f"TensorFlow fallback: {exc}"[:500]
-        logger.warning("%s: ONNX export not used (%s); serving with TensorFlow", record, exc)
-    else:
-        record.onnx_file_name = onnx_name
-        record.onnx_status = f"ONNX Runtime (max |Δp| vs TensorFlow on probe batch: {difference:.1e})"
-    record.save(update_fields=["onnx_file_name", "onnx_status"])
+def onnx_file_name(sha256: str) -> str:
+    """The ONNX copy's file name for a model file with this sha256 (and the current serving layout)."""
+    return f"{sha256[:20]}-{SERVING_LAYOUT}.onnx"

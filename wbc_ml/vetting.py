@@ -20,8 +20,8 @@ first, so most bad uploads are refused without ever starting TensorFlow:
 Only the standard library is imported here at module level. TensorFlow/Keras are only ever imported
 inside the loader process; h5py only inside the HDF5 inspection.
 
-The loader process is ``sys.executable -c <bootstrap> <this file>``: it imports this file by path
-(not through the ``classifier`` package, so no Django), reads a JSON request on stdin and writes one
+The loader process is ``python -m wbc_ml.vetting_child`` (:mod:`wbc_ml.vetting_child`; ``wbc_ml`` imports no
+Django): it reads a JSON request on stdin and writes one
 JSON line back on its original stdout (anything TensorFlow prints is redirected to stderr). It runs in
 its own session (process group) with an empty temporary working directory, so a time-out kills the
 whole group. Its memory is capped with ``RLIMIT_DATA`` (heap and other private writable memory,
@@ -31,10 +31,8 @@ address space than it uses. TensorFlow itself needs roughly 0.5 GB of that allow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -45,6 +43,8 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .checksums import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def inspect_architecture(config: dict) -> None:
     if class_name not in MODEL_CLASSES:
         _check_object(config, "The model")
         raise ModelRejected(
-            f"The file holds a {_short(class_name)} object, not a Functional or Sequential Keras model "
+            f"The file holds a {short_text(class_name)} object, not a Functional or Sequential Keras model "
             "built from standard layers."
         )
     try:
@@ -319,10 +319,10 @@ def inspect_architecture(config: dict) -> None:
 def _layer_name(entry: dict) -> str:
     inner = entry.get("config")
     name = entry.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
-    return _short(name) if name is not None else "(unnamed)"
+    return short_text(name) if name is not None else "(unnamed)"
 
 
-def _short(value, limit: int = 80) -> str:
+def short_text(value, limit: int = 80) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -340,7 +340,7 @@ def _inspect_layer(entry, depth: int) -> None:
         raise ModelRejected(f"{where} is a {class_name} layer: arbitrary code is not allowed.")
     if not isinstance(class_name, str) or class_name not in ALLOWED_LAYERS:
         raise ModelRejected(
-            f"{where} has class {_short(class_name)}, which is not one of the built-in Keras layers "
+            f"{where} has class {short_text(class_name)}, which is not one of the built-in Keras layers "
             "allowed on this platform."
         )
     inner = entry.get("config")
@@ -393,7 +393,7 @@ def _check_object(node: dict, where: str) -> None:
     for text in (class_name, registered):
         if isinstance(text, str) and ">" in text:
             raise ModelRejected(
-                f"{where} uses the custom object '{_short(text)}': custom code is not allowed; "
+                f"{where} uses the custom object '{short_text(text)}': custom code is not allowed; "
                 "use built-in Keras layers only."
             )
     if class_name == "function":
@@ -405,31 +405,24 @@ def _check_object(node: dict, where: str) -> None:
             or registered not in (None, fn)
         ):
             raise ModelRejected(
-                f"{where} refers to the function '{_short(module)}.{_short(fn)}', which is not a built-in "
+                f"{where} refers to the function '{short_text(module)}.{short_text(fn)}', which is not a built-in "
                 "Keras activation: custom code is not allowed."
             )
     elif module is not None and (not isinstance(module, str) or not _is_keras_module(module)):
         raise ModelRejected(
-            f"{where} uses {_short(class_name)} from module '{_short(module)}', which is not part of Keras: "
+            f"{where} uses {short_text(class_name)} from module '{short_text(module)}', which is not part of Keras: "
             "custom code is not allowed."
         )
     elif registered is not None and registered != class_name:
         raise ModelRejected(
-            f"{where} uses the custom object '{_short(registered)}': custom code is not allowed; "
+            f"{where} uses the custom object '{short_text(registered)}': custom code is not allowed; "
             "use built-in Keras layers only."
         )
 
 
 # --- 4. loading in a separate process ------------------------------------------------------------------
 
-_BOOTSTRAP = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.spec_from_file_location('_wbc_model_validation_child', sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = module\n"
-    "spec.loader.exec_module(module)\n"
-    "module._child_main()\n"
-)
+REPO_ROOT = Path(__file__).resolve().parent.parent  # so the child can import wbc_ml (and nothing of Django)
 
 
 def _load_in_child(
@@ -458,10 +451,11 @@ def _load_in_child(
             "TF_NUM_INTEROP_THREADS": CHILD_THREADS,
             "OMP_NUM_THREADS": CHILD_THREADS,
             "MALLOC_ARENA_MAX": "2",
+            "PYTHONPATH": str(REPO_ROOT),
         }
         started = time.monotonic()
         process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, str(Path(__file__).resolve())],
+            [sys.executable, "-m", "wbc_ml.vetting_child"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -524,130 +518,3 @@ def _read_child_report(returncode: int, stdout: bytes, stderr: bytes, memory_lim
     if "error" in report:
         raise ModelRejected(f"Keras could not load the model: {report['error']}")
     return report
-
-
-def _apply_memory_limit(memory_limit_mb: int) -> None:
-    """Cap this (loader) process: RLIMIT_DATA is the real cap, RLIMIT_AS a generous backstop."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX: the time-out still applies
-        return
-    limits = (
-        ("RLIMIT_DATA", memory_limit_mb * MIB),
-        ("RLIMIT_AS", (memory_limit_mb + ADDRESS_SPACE_HEADROOM_MB) * MIB),
-    )
-    for name, value in limits:
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        _soft, hard = resource.getrlimit(which)
-        cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (cap, cap))
-
-
-def _child_main() -> None:
-    """Loader process entry: JSON request on stdin, one JSON line on the original stdout."""
-    result_fd = os.dup(1)
-    os.dup2(2, 1)  # whatever TensorFlow or Keras print goes to stderr, not into the report
-    memory_limit_mb = 0
-    try:
-        request = json.loads(sys.stdin.read())
-        memory_limit_mb = int(request["memory_limit_mb"])
-        _apply_memory_limit(memory_limit_mb)
-        if request.get("sleep_s"):
-            time.sleep(float(request["sleep_s"]))  # test hook: a load that hangs
-        report = _load_and_probe(request["path"], int(request["expected_classes"]))
-    except ModelRejected as exc:
-        report = {"refused": str(exc)}
-    except MemoryError:
-        report = {"refused": f"Loading the model needed more than the {memory_limit_mb} MB of memory allowed."}
-    except Exception as exc:
-        text = " ".join(str(exc).split())
-        report = {"error": _short(f"{type(exc).__name__}: {text}", 400)}
-    with os.fdopen(result_fd, "w", encoding="utf-8") as out:
-        out.write(json.dumps(report) + "\n")
-
-
-def _shape(tensor) -> tuple:
-    return tuple(None if dim is None else int(dim) for dim in tensor.shape)
-
-
-def _load_and_probe(path: str, expected_classes: int) -> dict:
-    import keras
-    import numpy as np
-
-    model = keras.models.load_model(path, compile=False, safe_mode=True)
-    try:
-        inputs, outputs = list(model.inputs), list(model.outputs)
-    except (AttributeError, ValueError, TypeError) as exc:
-        raise ModelRejected("The model has no defined input and output shapes (was it ever built?).") from exc
-    need_input = f"need one H x W x 3 colour image input (H and W fixed, at least {MIN_INPUT_SIDE})"
-    if len(inputs) != 1:
-        raise ModelRejected(f"The model has {len(inputs)} inputs; {need_input}.")
-    shape = _shape(inputs[0])
-    if not (
-        len(shape) == 4
-        and shape[0] is None
-        and shape[3] == 3
-        and all(side is not None and side >= MIN_INPUT_SIDE for side in shape[1:3])
-    ):
-        raise ModelRejected(f"The model expects input {shape}; {need_input}.")
-    height, width = shape[1], shape[2]
-    if len(outputs) != 1:
-        raise ModelRejected(
-            f"The model has {len(outputs)} separate outputs; this platform needs a single output of "
-            f"{expected_classes} probabilities (one per white-cell class)."
-        )
-    out_shape = _shape(outputs[0])
-    if len(out_shape) != 2 or out_shape[0] is not None:
-        raise ModelRejected(
-            f"The model's output has shape {out_shape}; this platform needs (None, {expected_classes}): "
-            "one probability per white-cell class."
-        )
-    if out_shape[1] != expected_classes:
-        raise ModelRejected(
-            f"The model has {out_shape[1]} outputs per image; this platform needs {expected_classes} "
-            "(one per white-cell class)."
-        )
-    probe = np.random.default_rng(PROBE_SEED).random((1, height, width, 3), dtype=np.float32)
-    values = np.asarray(keras.ops.convert_to_numpy(model(probe, training=False)), dtype=np.float64).reshape(-1)
-    if values.size != expected_classes:
-        raise ModelRejected(
-            f"The model gave {values.size} values for one image; this platform needs {expected_classes}."
-        )
-    _check_probabilities(values.tolist())
-    return {
-        "input_size": [height, width],
-        "n_outputs": expected_classes,
-        "parameters": int(model.count_params()),
-        "probabilities": values.tolist(),
-    }
-
-
-def _check_probabilities(values: list[float]) -> None:
-    if not all(math.isfinite(v) for v in values):
-        raise ModelRejected("The model's outputs on a test image are not finite numbers (NaN or infinity).")
-    total = math.fsum(values)
-    low, high = min(values), max(values)
-    problems = []
-    if abs(total - 1.0) > SUM_TOLERANCE:
-        problems.append(f"sum {total:.3g}")
-    if low < -PROBABILITY_TOLERANCE:
-        problems.append(f"smallest {low:.3g}")
-    if high > 1.0 + PROBABILITY_TOLERANCE:
-        problems.append(f"largest {high:.3g}")
-    if problems:
-        raise ModelRejected(
-            f"The model's outputs are not probabilities ({', '.join(problems)}); it needs a softmax output."
-        )
-
-
-# --- 5. checksum ---------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(MIB), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,6 +1,6 @@
 """ "Is this one of the five white cells at all?" — scores on the classifier's pooled features (no TF).
 
-The features are those of :func:`classifier.inference.serving_model`: the classifier's average-pooled
+The features are those of :func:`wbc_ml.inference.serving_model`: the classifier's average-pooled
 features (first half) and a max pooling of the same feature map (second half). Two detectors use them:
 
 * a supervised one: a small neural network (one hidden layer, an ensemble of a few seeds) separating WBC
