@@ -1,8 +1,8 @@
 """The REST API the laboratory information system (LIS) uses: /api/v1/ (routes in wbcsite/api_urls.py).
 
 The views mirror the web pages (classifier/views.py, reports/views.py): the same services classify, submit,
-report and evaluate, and every object is looked up through :mod:`classifier.scoping`, so another laboratory's
-object is a 404. Errors have one JSON shape (see :mod:`classifier.api_support`).
+report and evaluate, and every object is looked up through :mod:`accounts.scoping`, so another laboratory's
+object is a 404. Errors have one JSON shape (see :mod:`wbcsite.api_errors`).
 """
 
 from __future__ import annotations
@@ -15,75 +15,46 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from PIL import Image, UnidentifiedImageError
 from rest_framework import mixins, status, viewsets
-from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied
-from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from wbc_ml.preprocessing import ImageRejected
-
-from .api_support import (
+from accounts.authentication import ApiRateThrottle, IsLabMember
+from accounts.models import ApiToken
+from accounts.scoping import get_scoped_or_404, scoped
+from wbc_ml.preprocessing import ZIP_SIGNATURE, ImageRejected, sniff_image_type
+from wbcsite.api_base import (
+    MB,
+    UUID_PATTERN,
+    LabApiMixin,
+    PNGRenderer,
+    error_response,
+    validated_query,
+)
+from wbcsite.api_errors import (
     ApiError,
     ImageRejectedError,
     PayloadTooLarge,
     UnsupportedImageType,
     UrlRefusedError,
 )
-from .authentication import ApiRateThrottle, CanClassify, IsLabMember, SubmitRateThrottle
-from .batches import fetch_url
-from .fetch import UrlRefused
-from .models import ApiToken, ClassifierModel, Prediction
-from .scoping import get_scoped_or_404, scoped
+
+from .fetch import UrlRefused, fetch_url
+from .models import ClassifierModel, Prediction
 from .serializers import (
-    ApiTokenSerializer,
     ClassifierModelSerializer,
     ClassifyMultipartSerializer,
     ClassifyUploadSerializer,
     ClassifyUrlSerializer,
     MeSerializer,
-    NewApiTokenSerializer,
     PredictionSerializer,
     SaliencyQuerySerializer,
     ThresholdQuerySerializer,
     limits_payload,
     model_ref,
 )
-from .services import UploadedImage, classify_image, ensure_saliency, read_upload
-
-UUID_PATTERN = "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-MB = 1024 * 1024
-
-
-def _error(description: str) -> OpenApiResponse:
-    """An error response in the schema (the shape is the Error component; see api_support)."""
-    return OpenApiResponse(response={"$ref": "#/components/schemas/Error"}, description=description)
-
-
-class CSVRenderer(BaseRenderer):
-    """Lets ``Accept: text/csv`` through content negotiation; the views return the CSV bytes themselves."""
-
-    media_type = "text/csv"
-    format = "csv"
-    charset = "utf-8"
-
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        return data
-
-
-class PNGRenderer(BaseRenderer):
-    media_type = "image/png"
-    format = "png"
-    charset = None
-    render_style = "binary"
-
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        return data
-
-
-def usable_models(user):
-    return scoped(ClassifierModel.objects.usable(), user)
+from .services import UploadedImage, classify_image, ensure_saliency, read_upload, usable_models
 
 
 def default_model_for(user) -> ClassifierModel:
@@ -97,25 +68,9 @@ def default_model_for(user) -> ClassifierModel:
     return first
 
 
-def _query(serializer_class, request) -> dict:
-    """Validated query parameters. A plain dict, so an empty value (``?threshold=``) is invalid, not omitted."""
-    serializer = serializer_class(data=request.query_params.dict())
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
-def _sniffed_type(data: bytes) -> str | None:
-    """'JPEG' or 'PNG' by the first bytes, else None (whatever the name or the declared content type says)."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    return None
-
-
 def _describe(data: bytes) -> str:
     """What an unsupported upload looks like, for the 415 message."""
-    if data.startswith(b"PK\x03\x04"):
+    if data.startswith(ZIP_SIGNATURE):
         return "a zip archive (send archives to /api/v1/batches/)"
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -147,31 +102,13 @@ def read_single_image(uploaded) -> UploadedImage:
         raise too_large
     if not upload.data:
         raise ImageRejectedError(f"{name}: the file is empty.", details={"file": name})
-    if _sniffed_type(upload.data) is None:
+    if sniff_image_type(upload.data) is None:
         found = _describe(upload.data)
         raise UnsupportedImageType(
             f"{name}: {found} is not a supported image type; upload a JPEG or PNG.",
             details={"file": name, "detected": found},
         )
     return upload
-
-
-class LabApiMixin:
-    """Permissions and throttles shared by the viewsets: classify/submit actions need more than reading."""
-
-    submit_actions: frozenset[str] = frozenset()
-
-    def get_permissions(self):
-        permissions = [IsLabMember()]
-        if self.action in self.submit_actions:
-            permissions.append(CanClassify())
-        return permissions
-
-    def get_throttles(self):
-        throttles = [ApiRateThrottle()]
-        if self.action in self.submit_actions:
-            throttles.append(SubmitRateThrottle())
-        return throttles
 
 
 # --- models ----------------------------------------------------------------------------------------------------
@@ -219,7 +156,7 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
     def get_serializer_context(self):
         context = super().get_serializer_context()
         if getattr(self, "action", None) in ("retrieve", "list"):
-            context["threshold"] = _query(ThresholdQuerySerializer, self.request).get("threshold")
+            context["threshold"] = validated_query(ThresholdQuerySerializer, self.request).get("threshold")
         return context
 
     @extend_schema(
@@ -232,9 +169,9 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
         request={"multipart/form-data": ClassifyMultipartSerializer, "application/json": ClassifyUrlSerializer},
         responses={
             201: PredictionSerializer,
-            413: _error("The file is larger than WBC_MAX_IMAGE_BYTES."),
-            415: _error("The upload is not a JPEG or PNG (by content): a GIF, a text file, a zip, …"),
-            503: _error("The model cannot be loaded right now."),
+            413: error_response("The file is larger than WBC_MAX_IMAGE_BYTES."),
+            415: error_response("The upload is not a JPEG or PNG (by content): a GIF, a text file, a zip, …"),
+            503: error_response("The model cannot be loaded right now."),
         },
         tags=["predictions"],
     )
@@ -264,14 +201,14 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
         parameters=[SaliencyQuerySerializer],
         responses={
             (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="the overlay, made on first request"),
-            503: _error("The model cannot be loaded right now."),
+            503: error_response("The model cannot be loaded right now."),
         },
         tags=["predictions"],
     )
     @action(detail=True, methods=["get"], renderer_classes=[PNGRenderer, JSONRenderer])
     def saliency(self, request, uid=None):
         prediction = self.get_object()
-        method = _query(SaliencyQuerySerializer, request)["method"]
+        method = validated_query(SaliencyQuerySerializer, request)["method"]
         field = ensure_saliency(prediction, method)  # ModelUnavailable -> 503 (api_support)
         response = FileResponse(field.open("rb"), content_type="image/png")
         response["Cache-Control"] = "private, max-age=86400"
@@ -301,59 +238,7 @@ class MeView(APIView):
         return Response(body)
 
 
-@extend_schema_view(
-    list=extend_schema(summary="Your API tokens (browser session only)", tags=["tokens"]),
-    create=extend_schema(
-        summary="Create an API token; the key is in this response only (browser session only)",
-        responses={201: NewApiTokenSerializer},
-        tags=["tokens"],
-    ),
-    destroy=extend_schema(summary="Revoke an API token (browser session only)", responses={204: None}, tags=["tokens"]),
-)
-class ApiTokenViewSet(
-    mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
-):
-    """The API behind the tokens page. Session authentication only: a token cannot mint or revoke tokens."""
-
-    authentication_classes = [SessionAuthentication]
-    permission_classes = []  # any logged-in user manages their own tokens (checked in initial)
-    throttle_classes = [ApiRateThrottle]
-    serializer_class = ApiTokenSerializer
-    queryset = ApiToken.objects.none()  # the real one is get_queryset(); this types the path parameter
-    lookup_value_regex = "[0-9]+"
-
-    def initial(self, request, *args, **kwargs):
-        super().initial(request, *args, **kwargs)
-        if not request.user.is_authenticated:
-            raise PermissionDenied("Manage API tokens from a logged-in browser session (/account/tokens/).")
-
-    def get_queryset(self):
-        return ApiToken.objects.filter(user=self.request.user).order_by("-created_at", "-id")
-
-    def get_object(self):
-        try:
-            return self.get_queryset().get(pk=int(self.kwargs["pk"]))
-        except (ValueError, ApiToken.DoesNotExist):
-            raise NotFound("No API token found.") from None
-
-    def create(self, request, *args, **kwargs):
-        serializer = self.get_serializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        active = ApiToken.objects.filter(user=request.user, revoked_at__isnull=True).count()
-        if active >= settings.WBC_API_MAX_TOKENS_PER_USER:
-            raise ApiError(
-                f"You already have {active} active tokens; revoke one you no longer use first.", code="too_many_tokens"
-            )
-        token, key = ApiToken.issue(request.user, serializer.validated_data["name"])
-        body = NewApiTokenSerializer(token, context={**self.get_serializer_context(), "key": key}).data
-        return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
-
-    def perform_destroy(self, instance: ApiToken) -> None:
-        instance.revoke()
-
-
 __all__ = [
-    "ApiTokenViewSet",
     "ClassifierModelViewSet",
     "MeView",
     "PredictionViewSet",

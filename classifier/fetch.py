@@ -376,3 +376,14 @@ def _shown(url: str) -> str:
     if len(text) > _MAX_SHOWN_URL:
         text = text[: _MAX_SHOWN_URL - 1] + "…"
     return text or "(empty URL)"
+
+
+def fetch_url(url: str) -> tuple[str, bytes]:
+    """The safe fetcher with this installation's limits (Django settings)."""
+    from django.conf import settings
+
+    return fetch_image_bytes(
+        url,
+        max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+        allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS),
+    )

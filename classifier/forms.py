@@ -3,8 +3,9 @@ import json
 from django import forms
 
 from wbc_ml.preprocessing import Normalization
+from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
-from .models import NORMALIZATION_LABELS, THRESHOLD_MAX, THRESHOLD_MIN, ClassifierModel
+from .models import NORMALIZATION_LABELS, ClassifierModel
 
 
 class ModelSelect(forms.Select):
@@ -98,37 +99,6 @@ class UrlForm(ModelAndNormalizationForm):
 
 class ThresholdForm(forms.Form):
     threshold = forms.FloatField(min_value=THRESHOLD_MIN, max_value=THRESHOLD_MAX)
-
-
-class MultipleFileInput(forms.ClearableFileInput):
-    allow_multiple_selected = True
-
-
-class MultipleFileField(forms.FileField):
-    """Several files in one field (Django's documented recipe); empty files reach our own checks."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("widget", MultipleFileInput(attrs={"multiple": True, "accept": ".jpg,.jpeg,.png,.zip"}))
-        super().__init__(*args, allow_empty_file=True, **kwargs)
-
-    def clean(self, data, initial=None):
-        if isinstance(data, list | tuple):
-            return [super(MultipleFileField, self).clean(item, initial) for item in data]
-        return [super().clean(data, initial)] if data else []
-
-
-class BatchForm(ModelAndNormalizationForm):
-    name = forms.CharField(max_length=200, label="Sample / batch name")
-    external_id = forms.CharField(max_length=100, required=False, label="Accession id (optional)")
-    files = MultipleFileField(required=False, label="Images or .zip archives")
-    urls = forms.CharField(
-        required=False, widget=forms.Textarea(attrs={"rows": 3}), label="Image URLs (optional, one per line)"
-    )
-
-    field_order = ["name", "external_id", "files", "urls", "model", "normalization", "norm_mean", "norm_std"]
-
-    def clean_urls(self) -> list[str]:
-        return [line.strip() for line in self.cleaned_data["urls"].splitlines() if line.strip()]
 
 
 WBC_CLASS_ORDER = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")

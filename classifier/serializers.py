@@ -15,10 +15,11 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from accounts.scoping import scoped
 from wbc_ml.preprocessing import Normalization
+from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
-from .models import THRESHOLD_MAX, THRESHOLD_MIN, ApiToken, ClassifierModel, Prediction
-from .scoping import scoped
+from .models import ClassifierModel, Prediction
 
 THRESHOLD_HELP = f"Review threshold, {THRESHOLD_MIN:.2f}–{THRESHOLD_MAX:.2f}: below it (or an outlier) needs review."
 
@@ -261,28 +262,7 @@ class SaliencyQuerySerializer(serializers.Serializer):
     method = serializers.ChoiceField(choices=["gradcam", "gradient"], default="gradcam")
 
 
-# --- tokens and the caller -------------------------------------------------------------------------------------
-
-
-class ApiTokenSerializer(serializers.ModelSerializer):
-    prefix = serializers.CharField(source="shown_prefix", read_only=True, help_text="how to recognise the key")
-    is_active = serializers.BooleanField(read_only=True)
-
-    class Meta:
-        model = ApiToken
-        fields = ["id", "name", "prefix", "is_active", "created_at", "last_used_at", "revoked_at"]
-        read_only_fields = ["id", "prefix", "is_active", "created_at", "last_used_at", "revoked_at"]
-        extra_kwargs = {"name": {"help_text": "what the token is for, e.g. “LIS production”"}}
-
-
-class NewApiTokenSerializer(ApiTokenSerializer):
-    key = serializers.SerializerMethodField(help_text="the key: shown once, store it now")
-
-    class Meta(ApiTokenSerializer.Meta):
-        fields = [*ApiTokenSerializer.Meta.fields, "key"]
-
-    def get_key(self, obj) -> str:
-        return self.context["key"]
+# --- the caller -------------------------------------------------------------------------------------
 
 
 class MeSerializer(serializers.Serializer):

@@ -9,12 +9,16 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
 
-from wbc_ml.inference import ModelUnavailable, get_classifier
-from wbc_ml.preprocessing import ImageRejected, decode_image, resize
+from accounts.scoping import scoped
+from wbc_ml.inference import ModelUnavailable, Result, get_classifier
+from wbc_ml.preprocessing import FILE_SUFFIXES, ImageRejected, decode_image, resize, sniff_image_type
 
 from .models import ClassifierModel, Prediction
 
-EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
+
+def usable_models(user):
+    """The active models of the user's laboratory, shared ones included."""
+    return scoped(ClassifierModel.objects.usable(), user)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,38 @@ def read_upload(uploaded_file) -> UploadedImage:
     return UploadedImage(name=name, data=data)
 
 
+def new_prediction(
+    user,
+    model_record: ClassifierModel,
+    *,
+    normalization: dict,
+    name: str,
+    size: tuple[int, int],
+    result: Result,
+    processing_ms: float,
+    image_name: str = "",
+) -> Prediction:
+    """An unsaved Prediction for one classified image (the one rule for single images and batch items)."""
+    width, height = size
+    return Prediction(
+        laboratory_id=user.laboratory_id,
+        user=user,
+        model=model_record,
+        model_version=model_record.version,
+        normalization=normalization,
+        original_filename=name[:255],
+        width=width,
+        height=height,
+        predicted_class=model_record.class_names[result.class_index],
+        confidence=result.confidence,
+        probabilities=[round(float(p), 6) for p in result.probabilities],
+        ood_score=result.ood_score,
+        is_outlier=result.is_outlier,
+        processing_ms=processing_ms,
+        image=image_name,
+    )
+
+
 def classify_image(
     user, upload: UploadedImage, model_record: ClassifierModel, normalization: dict | None = None
 ) -> Prediction:
@@ -47,30 +83,24 @@ def classify_image(
         max_bytes=settings.WBC_MAX_IMAGE_BYTES,
         max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
     )
-    fmt = _decoded_format(upload.data)
     spec = model_record.spec(normalization)
     classifier = get_classifier(spec)  # the file loads once per process; not part of the timing
     started = time.perf_counter()
     pixels = resize(image, model_record.input_size)
     result = classifier.predict(pixels[None])[0]
     elapsed_ms = (time.perf_counter() - started) * 1000.0
-    prediction = Prediction(
-        laboratory_id=user.laboratory_id,
-        user=user,
-        model=model_record,
-        model_version=model_record.version,
+    prediction = new_prediction(
+        user,
+        model_record,
         normalization=spec.normalization,
-        original_filename=upload.name[:255],
-        width=image.width,
-        height=image.height,
-        predicted_class=model_record.class_names[result.class_index],
-        confidence=result.confidence,
-        probabilities=[round(float(p), 6) for p in result.probabilities],
-        ood_score=result.ood_score,
-        is_outlier=result.is_outlier,
+        name=upload.name,
+        size=image.size,
+        result=result,
         processing_ms=elapsed_ms,
     )
-    prediction.image.save(f"upload{EXTENSIONS[fmt]}", ContentFile(upload.data), save=False)
+    prediction.image.save(
+        f"upload{FILE_SUFFIXES[sniff_image_type(upload.data) or 'JPEG']}", ContentFile(upload.data), save=False
+    )
     try:
         with transaction.atomic():
             prediction.save()
@@ -88,13 +118,9 @@ def remember_model(user, model_record: ClassifierModel) -> None:
         user.save(update_fields=["default_model"])
 
 
-def _decoded_format(data: bytes) -> str:
-    return "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "JPEG"
-
-
 def ensure_saliency(prediction: Prediction, method: str):
     """The stored saliency overlay for ``method``, made on first request and kept."""
-    from . import saliency  # TensorFlow gradients; imported only when a map is needed
+    from wbc_ml import saliency  # TensorFlow gradients; imported only when a map is needed
 
     if method not in saliency.METHODS:
         raise ValueError(method)
@@ -113,4 +139,12 @@ def ensure_saliency(prediction: Prediction, method: str):
     return field
 
 
-__all__ = ["ImageRejected", "ModelUnavailable", "classify_image", "ensure_saliency", "read_upload"]
+__all__ = [
+    "ImageRejected",
+    "ModelUnavailable",
+    "classify_image",
+    "ensure_saliency",
+    "new_prediction",
+    "read_upload",
+    "usable_models",
+]

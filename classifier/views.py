@@ -1,34 +1,25 @@
 from __future__ import annotations
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.core.exceptions import TooManyFilesSent
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts.scoping import get_scoped_or_404, scoped
 from wbc_ml.inference import ModelUnavailable
 from wbc_ml.preprocessing import ImageRejected
 from wbc_ml.vetting import ModelRejected
 
-from .batches import batch_limits, fetch_url, fetch_urls, submit_batch
 from .custom_models import register_custom_model
-from .fetch import UrlRefused
-from .forms import BatchForm, ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
+from .fetch import UrlRefused, fetch_url
+from .forms import ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
 from .models import ClassifierModel, Prediction
-from .scoping import get_scoped_or_404, scoped
-from .services import UploadedImage, classify_image, ensure_saliency, read_upload, remember_model
-from .uploads import UploadRefused, expand_uploads
+from .services import UploadedImage, classify_image, ensure_saliency, read_upload, usable_models
 
 SALIENCY_LABELS = {"gradcam": "Grad-CAM", "gradient": "Input gradient"}
-
-
-def _models_for(user):
-    return scoped(ClassifierModel.objects.usable(), user)
 
 
 def model_unavailable(request: HttpRequest, error: ModelUnavailable) -> HttpResponse:
@@ -38,7 +29,7 @@ def model_unavailable(request: HttpRequest, error: ModelUnavailable) -> HttpResp
 @require_http_methods(["GET", "POST"])
 @permission_required("classifier.add_prediction", raise_exception=True)
 def classify(request: HttpRequest) -> HttpResponse:
-    models_queryset = _models_for(request.user)
+    models_queryset = usable_models(request.user)
     form = ClassifyForm(
         request.POST or None,
         request.FILES or None,
@@ -65,7 +56,7 @@ def classify(request: HttpRequest) -> HttpResponse:
 
 
 def _classify_page(request, form, url_form, status=200):
-    models_queryset = _models_for(request.user)
+    models_queryset = usable_models(request.user)
     recent = scoped(Prediction, request.user).select_related("model")[:8]
     context = {"form": form, "url_form": url_form, "recent": recent, "has_models": models_queryset.exists()}
     return render(request, "classifier/classify.html", context, status=status)
@@ -75,7 +66,7 @@ def _classify_page(request, form, url_form, status=200):
 @permission_required("classifier.add_prediction", raise_exception=True)
 def classify_url(request: HttpRequest) -> HttpResponse:
     """Fetch an image from an http(s) URL through the safe fetcher, then classify it like an upload."""
-    models_queryset = _models_for(request.user)
+    models_queryset = usable_models(request.user)
     url_form = UrlForm(request.POST, models_queryset=models_queryset)
     if url_form.is_valid():
         try:
@@ -94,47 +85,6 @@ def classify_url(request: HttpRequest) -> HttpResponse:
             return redirect("classifier:prediction", uid=prediction.uid)
     form = ClassifyForm(models_queryset=models_queryset, default_model=request.user.default_model)
     return _classify_page(request, form, url_form, status=400)
-
-
-@require_http_methods(["GET", "POST"])
-@permission_required("classifier.add_prediction", raise_exception=True)
-def batch_new(request: HttpRequest) -> HttpResponse:
-    models_queryset = _models_for(request.user)
-    initial = {"name": f"Sample {timezone.localtime():%Y-%m-%d %H:%M}"}
-    status = 200
-    if request.method == "POST":
-        try:
-            files = request.FILES
-        except TooManyFilesSent:
-            files = None
-        form = BatchForm(request.POST, files, models_queryset=models_queryset, default_model=request.user.default_model)
-        if files is None:
-            form.add_error(None, f"Too many files: at most {settings.WBC_BATCH_MAX_FILES} per batch.")
-        elif form.is_valid():
-            data = form.cleaned_data
-            try:
-                entries = expand_uploads(data["files"], batch_limits()) + fetch_urls(data["urls"])
-                if not entries:
-                    raise UploadRefused("No files were chosen: add images, a .zip archive or URLs.")
-                batch = submit_batch(
-                    request.user,
-                    entries,
-                    data["model"],
-                    name=data["name"],
-                    external_id=data["external_id"],
-                    normalization=data["normalization_spec"],
-                )
-                remember_model(request.user, data["model"])
-            except UploadRefused as exc:
-                form.add_error(None, str(exc))
-            else:
-                return redirect("reports:batch", uid=batch.uid)
-        status = 400
-    else:
-        form = BatchForm(initial=initial, models_queryset=models_queryset, default_model=request.user.default_model)
-    limits = batch_limits()
-    context = {"form": form, "max_files": limits.max_files, "max_mb": limits.max_total_bytes // (1024 * 1024)}
-    return render(request, "classifier/batch_new.html", context, status=status)
 
 
 def prediction_detail(request: HttpRequest, uid) -> HttpResponse:

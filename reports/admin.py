@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from classifier.admin import LabScopedAdmin
+from accounts.admin import LabScopedAdmin
 
 from .models import EvaluationRun
 

@@ -21,27 +21,16 @@ from rest_framework.decorators import action
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from classifier.api import (
-    MB,
-    UUID_PATTERN,
-    CSVRenderer,
-    LabApiMixin,
-    _error,
-    _query,
-    default_model_for,
-)
-from classifier.api_support import ApiError, Conflict, PayloadTooLarge
-from classifier.batches import batch_limits, fetch_url, recover_stale_batches, submit_batch
-from classifier.fetch import UrlRefused
-from classifier.models import Batch, BatchItem
-from classifier.scoping import get_scoped_or_404, scoped
+from accounts.scoping import get_scoped_or_404, scoped
+from classifier.api import default_model_for
 from classifier.serializers import ThresholdQuerySerializer
 from classifier.services import remember_model
-from classifier.uploads import NamedBytes, UploadRefused, expand_uploads
+from wbcsite.api_base import MB, UUID_PATTERN, CSVRenderer, LabApiMixin, error_response, validated_query
+from wbcsite.api_errors import ApiError, Conflict, PayloadTooLarge
 
 from .differential import build_differential, report_rows, summary_rows, to_csv
 from .labels import MAX_LABEL_BYTES, LabelFileError
-from .models import EvaluationRun
+from .models import Batch, BatchItem, EvaluationRun
 from .serializers import (
     BatchDetailSerializer,
     BatchJsonSubmitSerializer,
@@ -52,6 +41,9 @@ from .serializers import (
     LabelsUploadSerializer,
 )
 from .services import Refused, create_evaluation
+from .submission import batch_limits, submit_batch, url_entries
+from .uploads import NamedBytes, UploadRefused, expand_uploads
+from .worker import recover_stale_batches
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, as the header allows
@@ -59,25 +51,9 @@ IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, 
 # --- batches ---------------------------------------------------------------------------------------------------
 
 
-def _url_entries(urls: list[str]) -> list[NamedBytes]:
-    """Each URL becomes an entry named by the URL itself (so the LIS finds its own URLs in the results).
-
-    A refused URL is a failed entry with its reason, as on the batch page (``fetch_urls``).
-    """
-    entries = []
-    for url in urls:
-        try:
-            _name, data = fetch_url(url)
-        except UrlRefused as exc:
-            entries.append(NamedBytes(url, None, str(exc)))
-        else:
-            entries.append(NamedBytes(url, data))
-    return entries
-
-
-def _expand_files(files) -> list[NamedBytes]:
+def _expand_files(files, urls: list[str] = ()) -> list[NamedBytes]:
     try:
-        return expand_uploads(files, batch_limits())
+        return expand_uploads(files, batch_limits()) + (url_entries(list(urls), name_by_url=True) if urls else [])
     except UploadRefused as exc:
         raise PayloadTooLarge(str(exc), code="batch_too_large") from exc
 
@@ -158,7 +134,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         return counts
 
     def list(self, request, *args, **kwargs):
-        filters = _query(BatchListQuerySerializer, request)
+        filters = validated_query(BatchListQuerySerializer, request)
         queryset = self.get_queryset()
         if filters.get("external_id") is not None:
             queryset = queryset.filter(external_id=filters["external_id"])
@@ -186,7 +162,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     )
     def retrieve(self, request, uid=None):
         batch = self.get_batch()
-        threshold = _query(ThresholdQuerySerializer, request).get("threshold")
+        threshold = validated_query(ThresholdQuerySerializer, request).get("threshold")
         if not batch.is_finished:
             recover_stale_batches()  # a worker that died mid-batch is noticed while someone is polling
             batch.refresh_from_db()
@@ -231,8 +207,8 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         responses={
             202: BatchDetailSerializer,
             200: OpenApiResponse(BatchDetailSerializer, description="a retry with the same Idempotency-Key"),
-            409: _error("The Idempotency-Key was used for a different payload."),
-            413: _error("Over the batch limits (files, bytes, URLs)."),
+            409: error_response("The Idempotency-Key was used for a different payload."),
+            413: error_response("Over the batch limits (files, bytes, URLs)."),
         },
         tags=["batches"],
     )
@@ -253,7 +229,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
                 code="batch_too_large",
                 details={"urls": len(data["urls"]), "limit": settings.WBC_BATCH_MAX_URLS},
             )
-        entries = _expand_files(files) + _url_entries(data["urls"])
+        entries = _expand_files(files, data["urls"])
         if not entries:
             raise ApiError("No images were found in the upload (the archives are empty).", code="no_images")
         name = data.get("name") or data["external_id"] or f"Sample {timezone.localtime():%Y-%m-%d %H:%M:%S}"
@@ -287,7 +263,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
 
     def _csv(self, request, rows_function, suffix: str) -> HttpResponse:
         batch = get_scoped_or_404(Batch.objects.select_related("model"), request.user, uid=self.kwargs["uid"])
-        threshold = _query(ThresholdQuerySerializer, request).get("threshold")
+        threshold = validated_query(ThresholdQuerySerializer, request).get("threshold")
         report = build_differential(batch, batch.threshold if threshold is None else threshold)
         response = HttpResponse(to_csv(rows_function(report)), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{slugify(batch.name) or "batch"}-{suffix}.csv"'
@@ -336,8 +312,8 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         request={"multipart/form-data": LabelsUploadSerializer},
         responses={
             201: EvaluationRunSerializer,
-            409: _error("The batch is not finished yet."),
-            413: _error("The label file is larger than 5 MB."),
+            409: error_response("The batch is not finished yet."),
+            413: error_response("The label file is larger than 5 MB."),
         },
         tags=["evaluations"],
     )

@@ -7,7 +7,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from classifier.models import Batch, BatchItem
+from .models import Batch, BatchItem
 
 REPORT_COLUMNS = ["filename", "predicted_class", "confidence", "needs_review", "timestamp", "processing_ms"]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")

@@ -1,4 +1,4 @@
-"""Evaluation runs: a finished batch scored against the true labels a technologist uploaded."""
+"""Slides (batches) with their items, and evaluation runs: a finished batch scored against true labels."""
 
 from __future__ import annotations
 
@@ -7,7 +7,79 @@ import uuid
 from django.conf import settings
 from django.db import models
 
-from classifier.models import Batch, ClassifierModel, Laboratory, threshold_validators
+from accounts.models import Laboratory, threshold_validators
+from classifier.models import ClassifierModel, Prediction
+from wbc_ml.review_flag import DEFAULT_THRESHOLD
+
+
+class Batch(models.Model):
+    """A sample (slide): many cell images classified together into one differential."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    laboratory = models.ForeignKey(Laboratory, on_delete=models.CASCADE, related_name="batches")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="batches")
+    name = models.CharField(max_length=200)
+    external_id = models.CharField(max_length=100, blank=True, db_index=True, help_text="LIS sample/accession id")
+    model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="batches")
+    normalization = models.JSONField(default=dict, blank=True, help_text="empty: the model's own")
+    threshold = models.FloatField(default=DEFAULT_THRESHOLD, validators=threshold_validators())
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error = models.TextField(blank=True)
+    lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the batch")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "batches"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["laboratory", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="unique_batch_idempotency_key_per_lab",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.FAILED)
+
+
+class BatchItem(models.Model):
+    """One file of a batch: stored and waiting, classified (with its prediction), or refused with a reason."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveIntegerField()
+    original_filename = models.CharField(max_length=255)
+    image = models.FileField(upload_to="batches/%Y/%m/", blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error = models.CharField(max_length=500, blank=True)
+    prediction = models.OneToOneField(
+        Prediction, null=True, blank=True, on_delete=models.SET_NULL, related_name="batch_item"
+    )
+
+    class Meta:
+        ordering = ["position", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.original_filename} ({self.status})"
 
 
 class EvaluationRun(models.Model):

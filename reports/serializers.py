@@ -6,7 +6,6 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from classifier.models import Batch, BatchItem
 from classifier.serializers import (
     ModelRefSerializer,
     NormalizationField,
@@ -15,6 +14,8 @@ from classifier.serializers import (
     model_ref,
     threshold_field,
 )
+
+from .models import Batch, BatchItem
 
 # --- batches ---------------------------------------------------------------------------------------------------
 

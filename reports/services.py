@@ -15,13 +15,13 @@ from django.db import transaction
 from django.utils import timezone
 from sklearn.exceptions import UndefinedMetricWarning
 
-from classifier import batches
-from classifier.models import THRESHOLD_MAX, THRESHOLD_MIN, Batch, BatchItem, ClassifierModel
+from classifier.models import ClassifierModel
 from wbc_ml.metrics import classification_report
+from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
-from . import figures
+from . import figures, submission
 from .labels import LabelMatch, ParsedLabels, match_labels, parse_label_csv
-from .models import EvaluationRun
+from .models import Batch, BatchItem, EvaluationRun
 
 SUBSETS = ("all", "confident", "flagged")
 
@@ -196,5 +196,5 @@ def rerun_batch(user, batch: Batch, model_record: ClassifierModel) -> Batch:
             new_batch.status, new_batch.finished_at = Batch.Status.DONE, timezone.now()
             new_batch.save(update_fields=["status", "finished_at"])
         else:
-            transaction.on_commit(lambda: batches.enqueue(new_batch))
+            transaction.on_commit(lambda: submission.enqueue(new_batch))
     return new_batch

@@ -5,6 +5,7 @@ from . import views
 app_name = "reports"
 urlpatterns = [
     path("", views.batch_list, name="batches"),
+    path("new/", views.batch_new, name="batch_new"),
     path("<uuid:uid>/", views.batch_report, name="batch"),
     path("<uuid:uid>/status.json", views.batch_status, name="batch_status"),
     path("<uuid:uid>/report.csv", views.batch_csv, name="batch_csv"),

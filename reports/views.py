@@ -5,8 +5,10 @@ import math
 import time
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import TooManyFilesSent
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
@@ -15,15 +17,19 @@ from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.http import require_http_methods, require_POST
 
-from classifier.batches import recover_stale_batches
-from classifier.models import THRESHOLD_MAX, THRESHOLD_MIN, Batch, BatchItem, ClassifierModel
-from classifier.scoping import get_scoped_or_404, scoped
-from classifier.wakeup import PROGRESS, WakeupSocket
+from accounts.scoping import get_scoped_or_404, scoped
+from classifier.models import ClassifierModel
+from classifier.services import remember_model, usable_models
 
 from .differential import build_differential, excel_safe, report_rows, summary_rows, to_csv
+from .forms import BatchForm, EvaluationUploadForm
 from .labels import MAX_LABEL_BYTES, LabelFileError
-from .models import EvaluationRun
+from .models import Batch, BatchItem, EvaluationRun
 from .services import Refused, create_evaluation, rerun_batch
+from .submission import batch_limits, submit_batch, url_entries
+from .uploads import UploadRefused, expand_uploads
+from .wakeup import PROGRESS, WakeupSocket
+from .worker import recover_stale_batches
 
 
 def _threshold(request: HttpRequest) -> float:
@@ -143,19 +149,45 @@ PROBLEM_SECTIONS = [
 FIGURES = {"confusion": "confusion_png", "roc": "roc_png"}
 
 
-class EvaluationUploadForm(forms.Form):
-    """The true labels (any content type: browsers send text/csv, application/vnd.ms-excel, …) and a threshold."""
-
-    labels = forms.FileField(
-        label="True labels (CSV with the columns filename,class)",
-        error_messages={"required": "Choose the CSV file with the true labels (columns filename,class)."},
-    )
-    threshold = forms.FloatField(
-        required=False,
-        min_value=THRESHOLD_MIN,
-        max_value=THRESHOLD_MAX,
-        error_messages={"invalid": "The threshold must be a number between 0.50 and 0.99."},
-    )
+@require_http_methods(["GET", "POST"])
+@permission_required("classifier.add_prediction", raise_exception=True)
+def batch_new(request: HttpRequest) -> HttpResponse:
+    models_queryset = usable_models(request.user)
+    initial = {"name": f"Sample {timezone.localtime():%Y-%m-%d %H:%M}"}
+    status = 200
+    if request.method == "POST":
+        try:
+            files = request.FILES
+        except TooManyFilesSent:
+            files = None
+        form = BatchForm(request.POST, files, models_queryset=models_queryset, default_model=request.user.default_model)
+        if files is None:
+            form.add_error(None, f"Too many files: at most {settings.WBC_BATCH_MAX_FILES} per batch.")
+        elif form.is_valid():
+            data = form.cleaned_data
+            try:
+                entries = expand_uploads(data["files"], batch_limits()) + url_entries(data["urls"])
+                if not entries:
+                    raise UploadRefused("No files were chosen: add images, a .zip archive or URLs.")
+                batch = submit_batch(
+                    request.user,
+                    entries,
+                    data["model"],
+                    name=data["name"],
+                    external_id=data["external_id"],
+                    normalization=data["normalization_spec"],
+                )
+                remember_model(request.user, data["model"])
+            except UploadRefused as exc:
+                form.add_error(None, str(exc))
+            else:
+                return redirect("reports:batch", uid=batch.uid)
+        status = 400
+    else:
+        form = BatchForm(initial=initial, models_queryset=models_queryset, default_model=request.user.default_model)
+    limits = batch_limits()
+    context = {"form": form, "max_files": limits.max_files, "max_mb": limits.max_total_bytes // (1024 * 1024)}
+    return render(request, "reports/batch_new.html", context, status=status)
 
 
 def _form_error(form: forms.Form) -> str:

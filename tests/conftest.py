@@ -129,14 +129,14 @@ def tiny_record(db, models_dir):
 
 @pytest.fixture
 def lab_a(db):
-    from classifier.models import Laboratory
+    from accounts.models import Laboratory
 
     return Laboratory.objects.create(name="Lab A")
 
 
 @pytest.fixture
 def lab_b(db):
-    from classifier.models import Laboratory
+    from accounts.models import Laboratory
 
     return Laboratory.objects.create(name="Lab B")
 
@@ -144,7 +144,7 @@ def lab_b(db):
 def _user(username, lab, role):
     from django.contrib.auth.models import Group
 
-    from classifier.models import User
+    from accounts.models import User
 
     user = User.objects.create_user(username=username, password="a-long-test-password", laboratory=lab)
     if role:
@@ -197,7 +197,8 @@ def _fresh_classifier_cache():
 def make_known_batch(user, record, rows, *, name="Known slide", failed_error="damaged"):
     """A finished batch with known predictions (no model run): rows of (file name, class index, confidence,
     is_outlier); confidence goes to the class, the rest is shared equally. Plus one failed file."""
-    from classifier.models import Batch, BatchItem, Prediction
+    from classifier.models import Prediction
+    from reports.models import Batch, BatchItem
 
     batch = Batch.objects.create(
         laboratory=user.laboratory, user=user, name=name, model=record, status=Batch.Status.DONE, threshold=0.85

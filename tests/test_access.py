@@ -2,8 +2,9 @@ import pytest
 from django.contrib.auth.models import Group
 from django.urls import reverse
 
-from classifier.models import ClassifierModel, Prediction, User
-from classifier.scoping import scoped
+from accounts.models import User
+from accounts.scoping import scoped
+from classifier.models import ClassifierModel, Prediction
 
 
 @pytest.mark.parametrize("name", ["classifier:classify", "classifier:history"])

@@ -14,9 +14,10 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from classifier.models import ApiToken, Batch, BatchItem, ClassifierModel, Prediction, User
+from accounts.models import ApiToken, User
+from classifier.models import ClassifierModel, Prediction
 from reports import api as batches_api
-from reports.models import EvaluationRun
+from reports.models import Batch, BatchItem, EvaluationRun
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, make_known_batch
 from wbc_ml.checksums import file_sha256
 
@@ -122,7 +123,7 @@ def _all_token_columns() -> str:
 
 
 def test_token_page_shows_a_new_key_once_and_stores_only_a_hash(tech_client, technologist):
-    response = tech_client.post(reverse("classifier:tokens"), {"action": "create", "name": "LIS production"})
+    response = tech_client.post(reverse("accounts:tokens"), {"action": "create", "name": "LIS production"})
     assert response.status_code == 201
     assert response["Cache-Control"] == "no-store"
     token = ApiToken.objects.get(user=technologist)
@@ -131,33 +132,33 @@ def test_token_page_shows_a_new_key_once_and_stores_only_a_hash(tech_client, tec
     stored = _all_token_columns()
     assert key not in stored and key.split("_", 2)[2] not in stored  # neither the key nor its secret part
     assert token.digest == ApiToken.compute_digest(key) and len(token.digest) == 64
-    page = tech_client.get(reverse("classifier:tokens")).content.decode()
+    page = tech_client.get(reverse("accounts:tokens")).content.decode()
     assert key not in page and token.shown_prefix in page and "LIS production" in page
 
 
 def test_token_page_refuses_a_nameless_token_and_revokes_only_own_tokens(tech_client, technologist, outsider):
-    response = tech_client.post(reverse("classifier:tokens"), {"action": "create", "name": "  "})
+    response = tech_client.post(reverse("accounts:tokens"), {"action": "create", "name": "  "})
     assert response.status_code == 400 and not ApiToken.objects.exists()
     theirs, _ = ApiToken.issue(outsider, "not yours")
-    response = tech_client.post(reverse("classifier:tokens"), {"action": "revoke", "token": theirs.pk})
+    response = tech_client.post(reverse("accounts:tokens"), {"action": "revoke", "token": theirs.pk})
     assert response.status_code == 404
     theirs.refresh_from_db()
     assert theirs.is_active
     mine, _ = ApiToken.issue(technologist, "mine")
-    response = tech_client.post(reverse("classifier:tokens"), {"action": "revoke", "token": mine.pk})
+    response = tech_client.post(reverse("accounts:tokens"), {"action": "revoke", "token": mine.pk})
     assert response.status_code == 302
     mine.refresh_from_db()
     assert not mine.is_active
 
 
 def test_the_user_menu_links_to_the_tokens_page(tech_client):
-    assert reverse("classifier:tokens") in tech_client.get(reverse("classifier:classify")).content.decode()
+    assert reverse("accounts:tokens") in tech_client.get(reverse("classifier:classify")).content.decode()
 
 
 def test_token_life_cycle_through_the_pages_api_with_csrf(technologist):
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(technologist)
-    browser.get(reverse("classifier:tokens"))  # sets the CSRF cookie
+    browser.get(reverse("accounts:tokens"))  # sets the CSRF cookie
     csrf = browser.cookies["csrftoken"].value
     url = reverse("api:token-list")
 
@@ -232,17 +233,15 @@ def test_a_token_of_a_disabled_user_fails(technologist):
 def test_admin_creates_a_token_and_shows_the_key_once(client, technologist, lab_a):
     admin_user = User.objects.create_superuser("root", "root@example.org", "a-long-test-password", laboratory=lab_a)
     client.force_login(admin_user)
-    response = client.post(
-        reverse("admin:classifier_apitoken_add"), {"user": technologist.pk, "name": "LIS from admin"}
-    )
+    response = client.post(reverse("admin:accounts_apitoken_add"), {"user": technologist.pk, "name": "LIS from admin"})
     assert response.status_code == 200
     key = response.context["key"]
     token = ApiToken.objects.get(name="LIS from admin")
     assert key in response.content.decode() and ApiToken.find(key) == token and key not in _all_token_columns()
-    changelist = client.get(reverse("admin:classifier_apitoken_changelist")).content.decode()
+    changelist = client.get(reverse("admin:accounts_apitoken_changelist")).content.decode()
     assert key not in changelist and token.prefix in changelist
     client.post(
-        reverse("admin:classifier_apitoken_changelist"),
+        reverse("admin:accounts_apitoken_changelist"),
         {"action": "revoke", "_selected_action": [token.pk]},
     )
     assert ApiToken.find(key) is None

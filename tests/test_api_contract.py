@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
+from accounts.models import ApiToken
 from classifier import api as api_module
 from classifier.fetch import UrlRefused
-from classifier.models import ApiToken
-from reports import api as batches_api
+from reports import submission
 from reports.services import create_evaluation
 from tests.conftest import image_bytes, make_known_batch
 
@@ -52,7 +52,7 @@ def hermetic_api(settings, monkeypatch):
 
     The WSGI app shares the test's database transaction."""
     monkeypatch.setattr(api_module, "fetch_url", _fake_fetch)
-    monkeypatch.setattr(batches_api, "fetch_url", _fake_fetch)
+    monkeypatch.setattr(submission, "fetch_url", _fake_fetch)
     settings.WBC_API_RATE = ""
     settings.WBC_API_SUBMIT_RATE = ""
     settings.CACHES = {

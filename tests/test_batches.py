@@ -9,10 +9,12 @@ from django.db import IntegrityError
 from django.urls import reverse
 from django.utils import timezone
 
-from classifier import batches
-from classifier.batches import process_batch_now, recover_stale_batches, submit_batch
-from classifier.models import Batch, BatchItem, Prediction
-from classifier.uploads import Limits, NamedBytes, UploadRefused, expand_uploads
+from classifier.models import Prediction
+from reports import worker as batches
+from reports.models import Batch, BatchItem
+from reports.submission import submit_batch
+from reports.uploads import Limits, NamedBytes, UploadRefused, expand_uploads
+from reports.worker import process_batch_now, recover_stale_batches
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -184,7 +186,7 @@ def test_batch_page_uploads_files_and_zip_and_lists_bad_ones(tech_client, tiny_r
         _upload("more.zip", _zip({"x/c.png": image_bytes(color=(10, 10, 10))})),
     ]
     response = tech_client.post(
-        reverse("classifier:batch_new"), {"name": "Slide 7", "files": files, "model": tiny_record.pk, "urls": ""}
+        reverse("reports:batch_new"), {"name": "Slide 7", "files": files, "model": tiny_record.pk, "urls": ""}
     )
     batch = Batch.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("reports:batch", args=[batch.uid])
@@ -212,20 +214,20 @@ def test_batch_page_refuses_too_many_files_with_a_message(tech_client, tiny_reco
     settings.WBC_BATCH_MAX_FILES = 2
     files = [_upload(f"c{i}.png", image_bytes()) for i in range(3)]
     response = tech_client.post(
-        reverse("classifier:batch_new"), {"name": "Too many", "files": files, "model": tiny_record.pk}
+        reverse("reports:batch_new"), {"name": "Too many", "files": files, "model": tiny_record.pk}
     )
     assert response.status_code == 400 and "Too many files: at most 2" in response.text
     assert Batch.objects.count() == 0
 
 
 def test_batch_page_with_nothing_chosen(tech_client, tiny_record):
-    response = tech_client.post(reverse("classifier:batch_new"), {"name": "Empty", "model": tiny_record.pk})
+    response = tech_client.post(reverse("reports:batch_new"), {"name": "Empty", "model": tiny_record.pk})
     assert response.status_code == 400 and "No files were chosen" in response.text
 
 
 def test_batch_url_refusals_become_failed_items(tech_client, tiny_record):
     response = tech_client.post(
-        reverse("classifier:batch_new"),
+        reverse("reports:batch_new"),
         {
             "name": "URLs",
             "files": [_upload("a.png", image_bytes())],

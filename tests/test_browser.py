@@ -9,7 +9,8 @@ import shutil
 import pytest
 from django.urls import reverse
 
-from classifier.models import Batch, ClassifierModel, Prediction
+from classifier.models import ClassifierModel, Prediction
+from reports.models import Batch
 from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, start_worker
 from wbc_ml.checksums import file_sha256
 
@@ -151,7 +152,7 @@ def test_batch_drop_several_files_progress_finishes_slider_and_csv(
 ):
     page = browser.new_page()
     _log_in(page, live_server)
-    page.goto(live_server.url + reverse("classifier:batch_new"))
+    page.goto(live_server.url + reverse("reports:batch_new"))
     page.fill("#id_name", "Slide 42")
     page.select_option("#id_model", str(confident_model.pk))
     files = [(f"cell{i}.png", image_bytes(color=(30 * i, 90, 160)), "image/png") for i in range(4)]

@@ -4,8 +4,8 @@ import io
 import pytest
 from django.urls import reverse
 
-from classifier.models import Batch
 from reports.differential import REPORT_COLUMNS, build_differential, excel_safe
+from reports.models import Batch
 from tests.conftest import make_known_batch
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]

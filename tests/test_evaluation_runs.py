@@ -11,14 +11,15 @@ from django.core.management import call_command
 from django.urls import reverse
 from PIL import Image
 
-from classifier.batches import submit_batch
-from classifier.models import Batch, BatchItem, ClassifierModel, User
-from classifier.uploads import NamedBytes
+from accounts.models import User
+from classifier.models import ClassifierModel
 from reports import services
 from reports.figures import confusion_matrix_png, roc_curves_png
 from reports.labels import LabelFileError, match_labels, parse_label_csv
-from reports.models import EvaluationRun
+from reports.models import Batch, BatchItem, EvaluationRun
 from reports.services import Refused, create_evaluation, rerun_batch
+from reports.submission import submit_batch
+from reports.uploads import NamedBytes
 from tests.conftest import image_bytes, make_known_batch
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
@@ -483,8 +484,8 @@ def test_rerun_uses_the_same_files_and_the_worker_classifies_every_image(technol
     other = _copy_model(tiny_record, name="Tiny CNN (second opinion)")
 
     enqueued = []
-    real_enqueue = services.batches.enqueue
-    monkeypatch.setattr(services.batches, "enqueue", lambda b: (enqueued.append(b.pk), real_enqueue(b)))
+    real_enqueue = services.submission.enqueue
+    monkeypatch.setattr(services.submission, "enqueue", lambda b: (enqueued.append(b.pk), real_enqueue(b)))
     rerun = rerun_batch(technologist, original, other)
     assert enqueued == [rerun.pk]  # queued once the transaction committed
     assert (rerun.laboratory_id, rerun.model, rerun.status) == (original.laboratory_id, other, Batch.Status.QUEUED)

@@ -7,10 +7,11 @@ import time
 import pytest
 from django.urls import reverse
 
-from classifier.batches import process_batch_now, submit_batch
-from classifier.models import Batch
-from classifier.uploads import NamedBytes
-from classifier.wakeup import PROGRESS, WORKER, WakeupSocket, notify
+from reports.models import Batch
+from reports.submission import submit_batch
+from reports.uploads import NamedBytes
+from reports.wakeup import PROGRESS, WORKER, WakeupSocket, notify
+from reports.worker import process_batch_now
 from tests.conftest import image_bytes, start_worker
 
 

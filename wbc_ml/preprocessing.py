@@ -62,6 +62,16 @@ class Normalization:
         return x
 
 
+IMAGE_SIGNATURES = {"JPEG": b"\xff\xd8\xff", "PNG": b"\x89PNG\r\n\x1a\n"}
+FILE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png"}
+ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """'JPEG' or 'PNG' by the first bytes, else None (whatever the name or the declared content type says)."""
+    return next((fmt for fmt, magic in IMAGE_SIGNATURES.items() if data.startswith(magic)), None)
+
+
 def _is_rgb_triplet(value: object) -> bool:
     return (
         isinstance(value, Sequence)

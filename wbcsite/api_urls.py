@@ -7,8 +7,9 @@ from rest_framework.exceptions import NotFound
 from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView
 
+from accounts import api as accounts_api
+from accounts.authentication import ApiRateThrottle, IsLabMember
 from classifier import api
-from classifier.authentication import ApiRateThrottle, IsLabMember
 from reports import api as reports_api
 
 
@@ -35,7 +36,7 @@ router.register("models", api.ClassifierModelViewSet, basename="model")
 router.register("predictions", api.PredictionViewSet, basename="prediction")
 router.register("batches", reports_api.BatchViewSet, basename="batch")
 router.register("evaluations", reports_api.EvaluationRunViewSet, basename="evaluation")
-router.register("tokens", api.ApiTokenViewSet, basename="token")
+router.register("tokens", accounts_api.ApiTokenViewSet, basename="token")
 
 app_name = "api"
 urlpatterns = [

@@ -85,6 +85,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "accounts",
     "classifier",
     "reports",
 ]
@@ -139,7 +140,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-AUTH_USER_MODEL = "classifier.User"
+AUTH_USER_MODEL = "accounts.User"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -198,7 +199,6 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 5 * 1024 * 
 FILE_UPLOAD_MAX_MEMORY_SIZE = env_int("FILE_UPLOAD_MAX_MEMORY_SIZE", 5 * 1024 * 1024)
 WBC_MAX_IMAGE_BYTES = env_int("WBC_MAX_IMAGE_BYTES", 20 * 1024 * 1024)
 WBC_MAX_IMAGE_PIXELS = env_int("WBC_MAX_IMAGE_PIXELS", 40_000_000)
-WBC_DEFAULT_THRESHOLD = 0.85
 WBC_MODELS_DIR = Path(env_str("WBC_MODELS_DIR", str(BASE_DIR / "models")))
 WBC_CUSTOM_MODELS_DIR = Path(env_str("WBC_CUSTOM_MODELS_DIR", str(BASE_DIR / "var" / "custom-models")))
 WBC_MAX_MODEL_BYTES = env_int("WBC_MAX_MODEL_BYTES", 200 * 1024 * 1024)
@@ -264,21 +264,21 @@ CACHES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "classifier.authentication.ApiTokenAuthentication",  # first: a missing token is a 401 with WWW-Authenticate
+        "accounts.authentication.ApiTokenAuthentication",  # first: a missing token is a 401 with WWW-Authenticate
         "rest_framework.authentication.SessionAuthentication",  # the browser (Swagger UI); CSRF enforced
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["classifier.authentication.IsLabMember"],
-    "DEFAULT_THROTTLE_CLASSES": ["classifier.authentication.ApiRateThrottle"],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.authentication.IsLabMember"],
+    "DEFAULT_THROTTLE_CLASSES": ["accounts.authentication.ApiRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": [
         "rest_framework.parsers.JSONParser",
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.FormParser",
     ],
-    "DEFAULT_PAGINATION_CLASS": "classifier.api_support.PagePagination",
+    "DEFAULT_PAGINATION_CLASS": "wbcsite.api_errors.PagePagination",
     "PAGE_SIZE": WBC_API_PAGE_SIZE,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "classifier.api_support.api_exception_handler",
+    "EXCEPTION_HANDLER": "wbcsite.api_errors.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -300,10 +300,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": False},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "classifier.api_support.document_error_responses",
+        "wbcsite.api_errors.document_error_responses",
     ],
     "ENUM_NAME_OVERRIDES": {
-        "BatchStatusEnum": "classifier.models.Batch.Status",
-        "ItemStatusEnum": "classifier.models.BatchItem.Status",
+        "BatchStatusEnum": "reports.models.Batch.Status",
+        "ItemStatusEnum": "reports.models.BatchItem.Status",
     },
 }

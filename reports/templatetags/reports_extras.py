@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django import template
 
+from accounts.scoping import scoped
 from classifier.models import ClassifierModel
-from classifier.scoping import scoped
 
 register = template.Library()
 

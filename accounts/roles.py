@@ -17,7 +17,7 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "classifier.view_prediction",
         "classifier.delete_prediction",
         "classifier.view_classifiermodel",
-        "classifier.view_user",
+        "accounts.view_user",
     ],
     # manages the model registry (in the Django admin too)
     MODEL_ADMIN: [

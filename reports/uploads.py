@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from wbc_ml.datasets import IMAGE_SUFFIXES
+from wbc_ml.preprocessing import ZIP_SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def expand_uploads(files: list, limits: Limits) -> list[NamedBytes]:
             raise UploadRefused(f"{name} is larger than the batch limit of {_mb(limits.max_total_bytes)}.")
         head = uploaded.read(4)
         uploaded.seek(0)
-        if head.startswith(b"PK\x03\x04") or name.lower().endswith(".zip"):
+        if head.startswith(ZIP_SIGNATURE) or name.lower().endswith(".zip"):
             entries.extend(_expand_zip(name, uploaded.read(), limits))
         elif size > limits.max_file_bytes:
             entries.append(NamedBytes(name, None, f"{name}: the file is larger than {_mb(limits.max_file_bytes)}."))

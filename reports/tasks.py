@@ -2,7 +2,7 @@
 
 from django.tasks import task
 
-from .batches import process_batch_now
+from .worker import process_batch_now
 
 
 @task

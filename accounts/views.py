@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from .models import ApiToken
+from .models import ApiToken, TooManyTokens
 
 
 def _own_token(user, raw_id: str) -> ApiToken | None:
@@ -26,15 +26,15 @@ def tokens(request: HttpRequest) -> HttpResponse:
         action = request.POST.get("action")
         if action == "create":
             name = request.POST.get("name", "").strip()
-            active = request.user.api_tokens.filter(revoked_at__isnull=True).count()
             if not name or len(name) > 100:
                 error, status = "Give the token a name of 1 to 100 characters (e.g. “LIS production”).", 400
-            elif active >= settings.WBC_API_MAX_TOKENS_PER_USER:
-                error, status = f"You already have {active} active tokens; revoke one you no longer use first.", 400
             else:
-                # Rendered, not redirected: the key exists only in this response and is never stored.
-                new_token, new_key = ApiToken.issue(request.user, name)
-                status = 201
+                try:
+                    # Rendered, not redirected: the key exists only in this response and is never stored.
+                    new_token, new_key = ApiToken.issue_within_limit(request.user, name)
+                    status = 201
+                except TooManyTokens as exc:
+                    error, status = str(exc), 400
         elif action == "revoke":
             token = _own_token(request.user, request.POST.get("token"))
             if token is None:
@@ -42,7 +42,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
             else:
                 token.revoke()
                 messages.success(request, f"The token “{token.name}” is revoked; requests with it now fail.")
-                return redirect("classifier:tokens")
+                return redirect("accounts:tokens")
         else:
             error, status = "Unknown action.", 400
     context = {
@@ -52,6 +52,6 @@ def tokens(request: HttpRequest) -> HttpResponse:
         "error": error,
         "max_tokens": settings.WBC_API_MAX_TOKENS_PER_USER,
     }
-    response = render(request, "classifier/tokens.html", context, status=status)
+    response = render(request, "accounts/tokens.html", context, status=status)
     response["Cache-Control"] = "no-store"
     return response

@@ -6,8 +6,8 @@ from django.utils.crypto import get_random_string
 from django_tasks_db.management.commands.db_worker import Worker
 from threadpoolctl import threadpool_limits
 
-from classifier.batches import recover_stale_batches
-from classifier.wakeup import WakeupSocket
+from reports.wakeup import WakeupSocket
+from reports.worker import recover_stale_batches
 
 
 class Command(BaseCommand):

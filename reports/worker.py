@@ -1,4 +1,4 @@
-"""Batches: submitting a slide's images, processing them in the background, and recovering.
+"""The background worker's side of batches: claiming, classifying in chunks, and recovering.
 
 A batch is processed by a task that first *claims* it with a conditional UPDATE (queued, or running
 with an expired lease) that must change exactly one row. The holder renews its lease after every
@@ -18,139 +18,21 @@ from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
-from django.core.files.base import ContentFile
 from django.db import transaction
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
+from classifier.models import Prediction
+from classifier.services import new_prediction
 from wbc_ml.inference import ModelUnavailable, get_classifier
 from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
-from .fetch import UrlRefused, fetch_image_bytes
-from .models import Batch, BatchItem, ClassifierModel, Prediction
-from .uploads import Limits, NamedBytes, UploadRefused
-from .wakeup import PROGRESS, WORKER, notify
+from .models import Batch, BatchItem
+from .submission import DECODE_WORKERS, enqueue
+from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
 CHUNK = 32
-DECODE_WORKERS = 4
-
-
-def batch_limits() -> Limits:
-    return Limits(
-        max_files=settings.WBC_BATCH_MAX_FILES,
-        max_total_bytes=settings.WBC_BATCH_MAX_BYTES,
-        max_file_bytes=settings.WBC_MAX_IMAGE_BYTES,
-        max_zip_ratio=settings.WBC_ZIP_MAX_RATIO,
-    )
-
-
-def fetch_url(url: str) -> tuple[str, bytes]:
-    """The safe fetcher with this installation's limits."""
-    return fetch_image_bytes(
-        url,
-        max_bytes=settings.WBC_MAX_IMAGE_BYTES,
-        allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS),
-    )
-
-
-def fetch_urls(urls: list[str]) -> list[NamedBytes]:
-    """Each URL becomes an entry; a refused URL is a failed entry with its reason, not a failed batch."""
-    if len(urls) > settings.WBC_BATCH_MAX_URLS:
-        raise UploadRefused(f"Too many URLs: at most {settings.WBC_BATCH_MAX_URLS} per batch.")
-    entries = []
-    for url in urls:
-        try:
-            name, data = fetch_url(url)
-        except UrlRefused as exc:
-            entries.append(NamedBytes(url[:255], None, str(exc)))
-        else:
-            entries.append(NamedBytes(name, data))
-    return entries
-
-
-def _validate(entry: NamedBytes) -> NamedBytes:
-    """Check an upload like a single image (the whole stream decoded), keeping its bytes when it is good."""
-    if entry.data is None:
-        return entry
-    try:
-        decode_image(
-            entry.data,
-            name=entry.name,
-            max_bytes=settings.WBC_MAX_IMAGE_BYTES,
-            max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
-            reduced=True,  # the worker decodes it at full size; here only the refusals matter
-        )
-    except ImageRejected as exc:
-        return NamedBytes(entry.name, None, str(exc))
-    return entry
-
-
-def submit_batch(
-    user,
-    entries: list[NamedBytes],
-    model_record: ClassifierModel,
-    *,
-    name: str,
-    external_id: str = "",
-    threshold: float | None = None,
-    idempotency_key: str = "",
-    normalization: dict | None = None,
-) -> Batch:
-    """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
-    uid = uuid.uuid4()
-    field = BatchItem._meta.get_field("image")
-    stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
-
-    def check_and_store(position: int, entry: NamedBytes) -> tuple[NamedBytes, str]:
-        """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
-        entry = _validate(entry)
-        if entry.data is None:
-            return entry, ""
-        suffix = ".png" if entry.data[:4] == b"\x89PNG" else ".jpg"
-        name = field.storage.save(field.generate_filename(None, f"{uid}-{position}{suffix}"), ContentFile(entry.data))
-        stored.append(name)
-        return entry, name
-
-    try:
-        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
-            checked = list(pool.map(check_and_store, range(len(entries)), entries))
-        with transaction.atomic():
-            batch = Batch.objects.create(
-                uid=uid,
-                laboratory_id=user.laboratory_id,
-                user=user,
-                name=name[:200],
-                external_id=external_id[:100],
-                model=model_record,
-                normalization=normalization or {},
-                threshold=threshold if threshold is not None else user.review_threshold,
-                idempotency_key=idempotency_key,
-            )
-            items = []
-            for position, (entry, file_name) in enumerate(checked):
-                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:], image=file_name)
-                if entry.data is None:
-                    item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
-                items.append(item)
-            BatchItem.objects.bulk_create(items)
-            if not stored:
-                batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
-                batch.save(update_fields=["status", "finished_at"])
-            else:
-                transaction.on_commit(lambda: enqueue(batch))
-    except BaseException:
-        for file_name in stored:  # nothing half-stored
-            field.storage.delete(file_name)
-        raise
-    return batch
-
-
-def enqueue(batch: Batch) -> None:
-    from .tasks import process_batch
-
-    process_batch.enqueue(batch.pk)
-    notify(WORKER)
 
 
 def _claim(batch_id: int) -> uuid.UUID | None:
@@ -248,24 +130,17 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
         todo = [(item, size, result) for (item, (_, size)), result in zip(good, results, strict=True)]
         todo = [entry for entry in todo if entry[0].pk not in finished]
         predictions = [
-            Prediction(
-                laboratory_id=batch.laboratory_id,
-                user_id=batch.user_id,
-                model=record,
-                model_version=record.version,
+            new_prediction(
+                batch.user,
+                record,
                 normalization=batch.normalization or record.normalization,
-                original_filename=item.original_filename,
-                width=width,
-                height=height,
-                predicted_class=record.class_names[result.class_index],
-                confidence=result.confidence,
-                probabilities=[round(float(p), 6) for p in result.probabilities],
-                ood_score=result.ood_score,
-                is_outlier=result.is_outlier,
+                name=item.original_filename,
+                size=size,
+                result=result,
                 processing_ms=per_image_ms,
-                image=item.image.name,  # the batch's stored file, not a copy
+                image_name=item.image.name,  # the batch's stored file, not a copy
             )
-            for item, (width, height), result in todo
+            for item, size, result in todo
         ]
         Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
         if todo:

@@ -3,8 +3,8 @@ import secrets
 from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 
-from classifier.models import Laboratory, User
-from classifier.roles import MODEL_ADMIN
+from accounts.models import Laboratory, User
+from accounts.roles import MODEL_ADMIN
 
 
 class Command(BaseCommand):

@@ -1,0 +1,133 @@
+"""Submitting a slide (batch): files, zip archives and URLs checked, stored and queued, with nothing half-stored."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+from django.utils import timezone
+
+from classifier.fetch import UrlRefused, fetch_url
+from classifier.models import ClassifierModel
+from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
+
+from .models import Batch, BatchItem
+from .uploads import Limits, NamedBytes, UploadRefused
+from .wakeup import WORKER, notify
+
+DECODE_WORKERS = 4
+
+
+def batch_limits() -> Limits:
+    return Limits(
+        max_files=settings.WBC_BATCH_MAX_FILES,
+        max_total_bytes=settings.WBC_BATCH_MAX_BYTES,
+        max_file_bytes=settings.WBC_MAX_IMAGE_BYTES,
+        max_zip_ratio=settings.WBC_ZIP_MAX_RATIO,
+    )
+
+
+def url_entries(urls: list[str], *, name_by_url: bool = False) -> list[NamedBytes]:
+    """Each URL becomes an entry; a refused URL is a failed entry with its reason, not a failed batch.
+
+    Entries are named by the fetched file's name (the batch page), or by the URL itself (the API, so the LIS finds
+    its own URLs in the results).
+    """
+    if len(urls) > settings.WBC_BATCH_MAX_URLS:
+        raise UploadRefused(f"Too many URLs: at most {settings.WBC_BATCH_MAX_URLS} per batch.")
+    entries = []
+    for url in urls:
+        try:
+            name, data = fetch_url(url)
+        except UrlRefused as exc:
+            entries.append(NamedBytes(url[:255] if not name_by_url else url, None, str(exc)))
+        else:
+            entries.append(NamedBytes(url if name_by_url else name, data))
+    return entries
+
+
+def _validate(entry: NamedBytes) -> NamedBytes:
+    """Check an upload like a single image (the whole stream decoded), keeping its bytes when it is good."""
+    if entry.data is None:
+        return entry
+    try:
+        decode_image(
+            entry.data,
+            name=entry.name,
+            max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+            max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
+            reduced=True,  # the worker decodes it at full size; here only the refusals matter
+        )
+    except ImageRejected as exc:
+        return NamedBytes(entry.name, None, str(exc))
+    return entry
+
+
+def submit_batch(
+    user,
+    entries: list[NamedBytes],
+    model_record: ClassifierModel,
+    *,
+    name: str,
+    external_id: str = "",
+    threshold: float | None = None,
+    idempotency_key: str = "",
+    normalization: dict | None = None,
+) -> Batch:
+    """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
+    uid = uuid.uuid4()
+    field = BatchItem._meta.get_field("image")
+    stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
+
+    def check_and_store(position: int, entry: NamedBytes) -> tuple[NamedBytes, str]:
+        """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
+        entry = _validate(entry)
+        if entry.data is None:
+            return entry, ""
+        suffix = ".png" if sniff_image_type(entry.data) == "PNG" else ".jpg"
+        name = field.storage.save(field.generate_filename(None, f"{uid}-{position}{suffix}"), ContentFile(entry.data))
+        stored.append(name)
+        return entry, name
+
+    try:
+        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+            checked = list(pool.map(check_and_store, range(len(entries)), entries))
+        with transaction.atomic():
+            batch = Batch.objects.create(
+                uid=uid,
+                laboratory_id=user.laboratory_id,
+                user=user,
+                name=name[:200],
+                external_id=external_id[:100],
+                model=model_record,
+                normalization=normalization or {},
+                threshold=threshold if threshold is not None else user.review_threshold,
+                idempotency_key=idempotency_key,
+            )
+            items = []
+            for position, (entry, file_name) in enumerate(checked):
+                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:], image=file_name)
+                if entry.data is None:
+                    item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
+                items.append(item)
+            BatchItem.objects.bulk_create(items)
+            if not stored:
+                batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
+                batch.save(update_fields=["status", "finished_at"])
+            else:
+                transaction.on_commit(lambda: enqueue(batch))
+    except BaseException:
+        for file_name in stored:  # nothing half-stored
+            field.storage.delete(file_name)
+        raise
+    return batch
+
+
+def enqueue(batch: Batch) -> None:
+    from .tasks import process_batch
+
+    process_batch.enqueue(batch.pk)
+    notify(WORKER)
