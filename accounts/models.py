@@ -41,6 +41,95 @@ class User(AbstractUser):
     )
 
 
+DEFAULT_REFERENCE_RANGES = {  # adult differential, percent of WBC: (low, high)
+    "neutrophil": [40.0, 60.0],
+    "lymphocyte": [20.0, 40.0],
+    "monocyte": [2.0, 8.0],
+    "eosinophil": [1.0, 4.0],
+    "basophil": [0.5, 1.0],
+}
+DEFAULT_CELL_CATEGORIES = [  # (key, label, hotkey): the non-WBC categories a technologist can assign
+    ("immature_granulocyte", "Immature granulocyte", "6"),
+    ("erythroblast", "Erythroblast (NRBC)", "7"),
+    ("platelet", "Platelet / platelet clump", "8"),
+    ("smudge", "Smudge cell", "9"),
+    ("artefact", "Artefact", "0"),
+    ("other", "Other / unidentifiable", "-"),
+]
+
+
+def default_reference_ranges() -> dict:
+    return {name: list(bounds) for name, bounds in DEFAULT_REFERENCE_RANGES.items()}
+
+
+class LabSettings(models.Model):
+    """How a laboratory reviews and signs slides (one row per laboratory, made with its defaults on first use)."""
+
+    class CountTarget(models.IntegerChoices):
+        WBC_100 = 100, "100 WBC"
+        WBC_200 = 200, "200 WBC"
+
+    laboratory = models.OneToOneField(Laboratory, on_delete=models.CASCADE, related_name="settings")
+    count_target = models.PositiveSmallIntegerField(choices=CountTarget.choices, default=CountTarget.WBC_100)
+    require_all_verified = models.BooleanField(
+        default=False, help_text="sign-off also waits until every cell has a technologist's class"
+    )
+    two_person_signoff = models.BooleanField(default=False, help_text="a Supervisor countersigns every slide")
+    out_of_scope_limit = models.FloatField(
+        default=0.30,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="share of flagged cells above which a slide opens with the out-of-scope warning",
+    )
+    reference_ranges = models.JSONField(
+        default=default_reference_ranges, help_text="percent of WBC per class: [low, high]"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "laboratory settings"
+        verbose_name_plural = "laboratory settings"
+
+    def __str__(self) -> str:
+        return f"Settings of {self.laboratory}"
+
+    @classmethod
+    def for_lab(cls, laboratory_id: int) -> LabSettings:
+        settings_row, _ = cls.objects.get_or_create(laboratory_id=laboratory_id)
+        return settings_row
+
+
+class CellCategory(models.Model):
+    """A non-WBC category a technologist can put a cell in (left out of the WBC differential, counted per 100 WBC)."""
+
+    laboratory = models.ForeignKey(Laboratory, on_delete=models.CASCADE, related_name="cell_categories")
+    key = models.SlugField(max_length=40)
+    label = models.CharField(max_length=80)
+    hotkey = models.CharField(max_length=1, blank=True)
+    is_active = models.BooleanField(default=True)
+    position = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["position", "id"]
+        verbose_name_plural = "cell categories"
+        constraints = [models.UniqueConstraint(fields=["laboratory", "key"], name="unique_cell_category_per_lab")]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @classmethod
+    def for_lab(cls, laboratory_id: int) -> list[CellCategory]:
+        """The lab's active categories; the defaults are created the first time a lab asks."""
+        if not cls.objects.filter(laboratory_id=laboratory_id).exists():
+            cls.objects.bulk_create(
+                [
+                    cls(laboratory_id=laboratory_id, key=key, label=label, hotkey=hotkey, position=position)
+                    for position, (key, label, hotkey) in enumerate(DEFAULT_CELL_CATEGORIES)
+                ],
+                ignore_conflicts=True,
+            )
+        return list(cls.objects.filter(laboratory_id=laboratory_id, is_active=True))
+
+
 class TooManyTokens(ValueError):
     """A user already holds the most active tokens allowed (WBC_API_MAX_TOKENS_PER_USER)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from accounts.models import Laboratory, threshold_validators
@@ -34,6 +35,12 @@ class Batch(models.Model):
     lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the batch")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=200, blank=True)
+    wbc_count = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1000.0)],
+        help_text="total WBC count of the sample, ×10⁹/L (optional: gives absolute counts)",
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -80,6 +87,49 @@ class BatchItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.original_filename} ({self.status})"
+
+
+class CellVerification(models.Model):
+    """A technologist's class for one cell. It sits beside the AI's class (the prediction) and never replaces it;
+    every change is kept in the audit trail."""
+
+    item = models.OneToOneField(BatchItem, on_delete=models.PROTECT, related_name="verification")
+    verified_class = models.CharField(max_length=40, help_text="a WBC class or one of the lab's cell categories")
+    verified_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    verified_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.item}: {self.verified_class}"
+
+
+class ReportVersion(models.Model):
+    """One version of a slide's report: signed (and countersigned when the lab asks for two people), then locked.
+
+    Version 1 is the first sign-off; every amendment opens the next version, with its reason, and is signed again.
+    ``snapshot`` keeps the report exactly as it was signed, so old versions stay readable.
+    """
+
+    batch = models.ForeignKey(Batch, on_delete=models.PROTECT, related_name="report_versions")
+    number = models.PositiveIntegerField()
+    amendment_reason = models.TextField(blank=True)
+    opened_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    opened_at = models.DateTimeField()
+    signed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    signed_at = models.DateTimeField(null=True, blank=True)
+    countersigned_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    countersigned_at = models.DateTimeField(null=True, blank=True)
+    snapshot = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["batch", "number"]
+        constraints = [models.UniqueConstraint(fields=["batch", "number"], name="unique_report_version")]
+
+    def __str__(self) -> str:
+        return f"{self.batch} v{self.number}"
 
 
 class EvaluationRun(models.Model):
