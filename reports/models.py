@@ -76,6 +76,9 @@ class BatchItem(models.Model):
     position = models.PositiveIntegerField()
     original_filename = models.CharField(max_length=255)
     image = models.FileField(upload_to="batches/%Y/%m/", blank=True)
+    thumbnail = models.FileField(
+        upload_to="thumbnails/%Y/%m/", blank=True, help_text="small WebP for the review gallery, made by the worker"
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
     error = models.CharField(max_length=500, blank=True)
     prediction = models.OneToOneField(

@@ -19,6 +19,11 @@ class Migration(migrations.Migration):
             name='wbc_count',
             field=models.FloatField(blank=True, help_text='total WBC count of the sample, ×10⁹/L (optional: gives absolute counts)', null=True, validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1000.0)]),
         ),
+        migrations.AddField(
+            model_name='batchitem',
+            name='thumbnail',
+            field=models.FileField(blank=True, help_text='small WebP for the review gallery, made by the worker', upload_to='thumbnails/%Y/%m/'),
+        ),
         migrations.CreateModel(
             name='CellVerification',
             fields=[
