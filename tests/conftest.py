@@ -109,22 +109,9 @@ def models_dir(tmp_path, settings, tiny_model_file) -> Path:
 
 @pytest.fixture
 def tiny_record(db, models_dir):
-    from classifier.models import ClassifierModel
-    from wbc_ml.checksums import file_sha256
+    from tests.factories import ClassifierModelFactory
 
-    return ClassifierModel.objects.create(
-        name="Tiny CNN",
-        version="1",
-        architecture="tiny",
-        file_name="tiny.keras",
-        sha256=file_sha256(models_dir / "tiny.keras"),
-        input_height=TINY_SIZE[0],
-        input_width=TINY_SIZE[1],
-        normalization={"method": "scale01"},
-        class_names=list(WBC_CLASSES),
-        temperature=1.0,
-        is_bundled=True,
-    )
+    return ClassifierModelFactory(name="Tiny CNN", model_file=models_dir / "tiny.keras")
 
 
 @pytest.fixture

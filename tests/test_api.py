@@ -18,8 +18,8 @@ from accounts.models import ApiToken, User
 from classifier.models import ClassifierModel, Prediction
 from reports import api as batches_api
 from reports.models import Batch, BatchItem, EvaluationRun
-from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, make_known_batch
-from wbc_ml.checksums import file_sha256
+from tests.conftest import build_tiny_model, image_bytes, make_known_batch
+from tests.factories import ClassifierModelFactory
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 KNOWN_ROWS = [("n1.png", 4, 0.99, False), ("n2.png", 4, 0.90, False), ("l1.png", 2, 0.95, False)]
@@ -68,17 +68,8 @@ def neutrophil_model_file(tmp_path_factory):
 @pytest.fixture
 def neutrophil_record(db, models_dir, neutrophil_model_file):
     shutil.copy(neutrophil_model_file, models_dir / "neutrophil.keras")
-    return ClassifierModel.objects.create(
-        name="Neutrophil CNN",
-        version="1",
-        architecture="tiny",
-        file_name="neutrophil.keras",
-        sha256=file_sha256(models_dir / "neutrophil.keras"),
-        input_height=TINY_SIZE[0],
-        input_width=TINY_SIZE[1],
-        normalization={"method": "scale01"},
-        class_names=CLASSES,
-        is_bundled=True,
+    return ClassifierModelFactory(
+        name="Neutrophil CNN", model_file=models_dir / "neutrophil.keras", class_names=CLASSES
     )
 
 
@@ -252,17 +243,7 @@ def test_admin_creates_a_token_and_shows_the_key_once(client, technologist, lab_
 
 def test_models_list_shows_the_labs_usable_models(api, tiny_record, lab_b):
     ClassifierModel.objects.filter(pk=tiny_record.pk).update(test_accuracy=0.9, parameters=1234)
-    other_lab = ClassifierModel.objects.create(
-        name="Lab B only",
-        architecture="tiny",
-        file_name="x.keras",
-        sha256="0" * 64,
-        input_height=32,
-        input_width=32,
-        normalization={"method": "scale01"},
-        class_names=CLASSES,
-        laboratory=lab_b,
-    )
+    other_lab = ClassifierModelFactory(name="Lab B only", class_names=CLASSES, laboratory=lab_b, is_bundled=False)
     body = api.get(reverse("api:model-list")).json()
     assert body["count"] == 1
     model = body["results"][0]

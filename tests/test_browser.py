@@ -9,10 +9,10 @@ import shutil
 import pytest
 from django.urls import reverse
 
-from classifier.models import ClassifierModel, Prediction
+from classifier.models import Prediction
 from reports.models import Batch
-from tests.conftest import TINY_SIZE, build_tiny_model, image_bytes, start_worker
-from wbc_ml.checksums import file_sha256
+from tests.conftest import build_tiny_model, image_bytes, start_worker
+from tests.factories import ClassifierModelFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -50,18 +50,7 @@ def browser():
 @pytest.fixture
 def confident_model(models_dir):
     build_tiny_model(models_dir / "confident.keras", favour=4)
-    return ClassifierModel.objects.create(
-        name="Confident tiny",
-        is_bundled=True,
-        version="1",
-        architecture="tiny",
-        file_name="confident.keras",
-        sha256=file_sha256(models_dir / "confident.keras"),
-        input_height=TINY_SIZE[0],
-        input_width=TINY_SIZE[1],
-        normalization={"method": "scale01"},
-        class_names=["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
-    )
+    return ClassifierModelFactory(name="Confident tiny", model_file=models_dir / "confident.keras")
 
 
 def _log_in(page, live_server):
