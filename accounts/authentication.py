@@ -7,7 +7,8 @@
 * :class:`IsLabMember`: every endpoint needs an authenticated user who belongs to a laboratory.
 * :class:`ApiRateThrottle` / :class:`SubmitRateThrottle`: per token, else per user (sessions). Rates come from
   ``settings.WBC_API_RATE`` and ``settings.WBC_API_SUBMIT_RATE`` at request time (so tests can change them),
-  and counters are kept in the ``api_throttle`` cache.
+  and counted in fixed windows with an atomic counter (:mod:`accounts.counter_cache`) in the ``api_throttle``
+  cache (the database by default, Redis when ``REDIS_URL`` is set), so parallel requests cannot slip past.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rest_framework import exceptions, permissions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import SimpleRateThrottle
 
+from .counter_cache import count_in_window
 from .models import ApiToken
 
 KEYWORDS = (b"token", b"bearer")
@@ -111,6 +113,23 @@ class ApiRateThrottle(SimpleRateThrottle):
         if not RATE_PATTERN.match(rate):
             raise ImproperlyConfigured(f"{self.setting}={rate!r}: use <number>/<second|minute|hour|day>, e.g. 120/min")
         return rate
+
+    def allow_request(self, request, view) -> bool:
+        """A fixed window per ``duration``: add-then-increment in the cache is one atomic count per request.
+
+        (DRF's own throttle reads the history and writes it back, which parallel requests interleave.)
+        """
+        if self.rate is None:
+            return True
+        self.key = self.get_cache_key(request, view)
+        if self.key is None:
+            return True
+        counted = count_in_window(self.cache, self.key, self.duration, self.timer())
+        self.retry_after = counted.retry_after
+        return counted.count <= self.num_requests
+
+    def wait(self) -> float:
+        return self.retry_after
 
     def get_cache_key(self, request, view) -> str:
         if isinstance(request.auth, ApiToken):

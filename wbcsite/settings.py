@@ -247,19 +247,27 @@ LOGGING = {
 # --- REST API for the laboratory information system (LIS): /api/v1/ ------------------------------------------------
 # Per-user API tokens (Authorization: Token <key>, or Bearer) and the browser session; every endpoint needs one.
 # Rates are per token (per user for sessions): "<n>/<second|minute|hour|day>". Classify/submit/labels also count
-# against the lower submit rate. Throttle counters live in their own cache, shared by the gunicorn workers of one
-# machine (a file cache by default); WBC_API_THROTTLE_CACHE_DIR moves it.
+# against the lower submit rate. Rate counters (API throttles, log-in attempts per address) are atomic counters in
+# their own cache, shared by every worker and machine: the database (table "wbc_rate_counters", made by
+# "manage.py createcachetable") by default, Redis when REDIS_URL is set (redis://host:6379/0).
 WBC_API_RATE = env_str("WBC_API_RATE", "120/min")
 WBC_API_SUBMIT_RATE = env_str("WBC_API_SUBMIT_RATE", "20/min")
 WBC_API_PAGE_SIZE = env_int("WBC_API_PAGE_SIZE", 25)
 WBC_API_MAX_TOKENS_PER_USER = env_int("WBC_API_MAX_TOKENS_PER_USER", 20)
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "api_throttle": {
-        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-        "LOCATION": env_str("WBC_API_THROTTLE_CACHE_DIR", str(BASE_DIR / "var" / "cache" / "api-throttle")),
-        "OPTIONS": {"MAX_ENTRIES": 10_000},
-    },
+REDIS_URL = env_str("REDIS_URL")
+_RATE_CACHE_OPTIONS = {"KEY_PREFIX": "wbc-rate", "TIMEOUT": 86400 + 60}
+    "api_throttle": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, **_RATE_CACHE_OPTIONS}
+        if REDIS_URL
+        else {
+            "BACKEND": "accounts.counter_cache.AtomicDatabaseCache",
+            "LOCATION": "wbc_rate_counters",
+            "OPTIONS": {"MAX_ENTRIES": 1_000_000},  # culling would reset live counters: keep it far away
+            **_RATE_CACHE_OPTIONS,
+        }
+    ),
 }
 
 REST_FRAMEWORK = {
