@@ -24,9 +24,13 @@ TINY_SIZE = (32, 32)
 
 
 def require_shared_data() -> Path:
+    """The real PBC images. Missing: a skip on a developer's machine, a failure in CI (CI=true), never a silent pass."""
     pbc = SHARED_DATA / "pbc"
     if not pbc.is_dir():
-        pytest.skip(f"real PBC images not found at {pbc} (set WBC_DATA_DIR to the shared data folder)")
+        reason = f"real PBC images not found at {pbc} (set WBC_DATA_DIR to the shared data folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     return pbc
 
 
