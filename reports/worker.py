@@ -29,6 +29,7 @@ from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
 from .models import Batch, BatchItem
 from .submission import DECODE_WORKERS, enqueue
+from .thumbnails import make_thumbnail, stored_thumbnails
 from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
@@ -53,14 +54,15 @@ def _renew(batch_id: int, lease: uuid.UUID) -> bool:
     return Batch.objects.filter(pk=batch_id, lease=lease).update(heartbeat_at=timezone.now()) == 1
 
 
-def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]] | str:
-    """(model-sized pixels, original width and height), or the reason the stored file is unusable."""
+def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int], bytes | None] | str:
+    """(model-sized pixels, original width and height, the gallery's WebP thumbnail), or the reason the stored
+    file is unusable."""
     try:
         with item.image.open("rb") as handle:
             image = decode_image(handle.read(), name=item.original_filename)
     except (ImageRejected, OSError) as exc:
         return str(exc)
-    return resize(image, size), image.size
+    return resize(image, size), image.size, make_thumbnail(image)
 
 
 def process_batch_now(batch_id: int) -> str:
@@ -98,7 +100,7 @@ def _process(batch_id: int, lease: uuid.UUID) -> str:
             # The next chunk decodes on the pool while this one is classified and stored.
             upcoming = decode(chunks[index + 1]) if index + 1 < len(chunks) else []
             good = [(item, out) for item, out in zip(items, loaded, strict=True) if not isinstance(out, str)]
-            results = classifier.predict(np.stack([pixels for _, (pixels, _) in good])) if good else []
+            results = classifier.predict(np.stack([pixels for _, (pixels, *_) in good])) if good else []
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
             if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
                 for future in upcoming:
@@ -111,9 +113,10 @@ def _process(batch_id: int, lease: uuid.UUID) -> str:
 
 
 def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bool:
-    """Record one chunk's outcomes in one transaction, if this worker still holds the lease."""
+    """Record one chunk's outcomes in one transaction, if this worker still holds the lease (thumbnail files
+    saved in it are deleted again if it fails)."""
     record = batch.model
-    with transaction.atomic():
+    with stored_thumbnails() as thumbnails, transaction.atomic():
         if not Batch.objects.filter(pk=batch.pk, lease=lease).exists():
             return False
         for item, outcome in zip(items, loaded, strict=True):
@@ -127,7 +130,7 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 "pk", flat=True
             )
         )
-        todo = [(item, size, result) for (item, (_, size)), result in zip(good, results, strict=True)]
+        todo = [(item, size, thumb, result) for (item, (_, size, thumb)), result in zip(good, results, strict=True)]
         todo = [entry for entry in todo if entry[0].pk not in finished]
         predictions = [
             new_prediction(
@@ -140,14 +143,16 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
                 processing_ms=per_image_ms,
                 image_name=item.image.name,  # the batch's stored file, not a copy
             )
-            for item, size, result in todo
+            for item, size, _, result in todo
         ]
         Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
         if todo:
-            # One UPDATE links each item to its new prediction, found by the stored file they share.
+            for item, _, thumb, _ in todo:
+                thumbnails.save(item, thumb)
+            # One UPDATE links each item to its new prediction, found by the stored file they share, and its thumbnail.
             new = Prediction.objects.filter(pk__in=[p.pk for p in predictions], image=OuterRef("image"))
-            BatchItem.objects.filter(pk__in=[item.pk for item, _, _ in todo]).update(
-                prediction=Subquery(new.values("pk")[:1]), status=BatchItem.Status.DONE
+            BatchItem.objects.filter(pk__in=[item.pk for item, *_ in todo]).update(
+                prediction=Subquery(new.values("pk")[:1]), status=BatchItem.Status.DONE, thumbnail=thumbnails.column()
             )
         return _renew(batch.pk, lease)
 

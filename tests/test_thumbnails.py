@@ -1,0 +1,109 @@
+"""The review gallery's thumbnails: small WebPs made once by the worker while it classifies."""
+
+import io
+
+import pytest
+from django.db import DatabaseError, connection
+from PIL import Image
+
+from classifier.models import Prediction
+from reports.models import BatchItem
+from reports.submission import submit_batch
+from reports.thumbnails import THUMBNAIL_PX, make_thumbnail
+from reports.uploads import NamedBytes
+from reports.worker import process_batch_now
+from tests.conftest import image_bytes
+from wbc_ml.preprocessing import decode_image
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _media_files(settings, folder: str) -> list:
+    root = settings.MEDIA_ROOT / folder
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_a_thumbnail_is_a_small_webp_with_the_image_proportions():
+    image = decode_image(image_bytes(size=(360, 240), fmt="JPEG"), name="wide.jpg")
+    data = make_thumbnail(image)
+    thumbnail = Image.open(io.BytesIO(data))
+    assert thumbnail.format == "WEBP"
+    assert thumbnail.size == (THUMBNAIL_PX, 64)  # 360×240 keeps its 3:2 shape
+    assert len(data) < 6_000
+    assert image.size == (360, 240)  # the decoded image the model needs is left untouched
+
+
+def test_the_worker_stores_one_thumbnail_per_classified_cell(technologist, tiny_record, settings):
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(size=(120, 110), color=(40 * i, 90, 200))) for i in range(3)]
+    entries.append(NamedBytes("damaged.png", image_bytes(size=(120, 110))))
+    batch = submit_batch(technologist, entries, tiny_record, name="Slide with thumbnails")
+    damaged = batch.items.get(original_filename="damaged.png")
+    with open(damaged.image.path, "r+b") as handle:  # damaged on disk after the upload was checked
+        handle.truncate(60)
+
+    assert process_batch_now(batch.pk) == "done"
+
+    done = list(batch.items.filter(status=BatchItem.Status.DONE).order_by("position"))
+    assert len(done) == 3
+    for item in done:
+        assert item.thumbnail.name.startswith("thumbnails/") and item.thumbnail.name.endswith(".webp")
+        with item.thumbnail.open("rb") as handle:
+            thumbnail = Image.open(handle)
+            thumbnail.load()
+        assert thumbnail.format == "WEBP" and thumbnail.size == (THUMBNAIL_PX, 88)
+        with item.image.open("rb") as handle:
+            assert Image.open(handle).size == (120, 110)  # the original stays as it was uploaded
+    damaged.refresh_from_db()
+    assert damaged.status == BatchItem.Status.FAILED and not damaged.thumbnail
+    assert len(_media_files(settings, "thumbnails")) == 3
+
+
+def _refuse_linking_items():
+    """A real database trigger that fails the UPDATE linking items to their predictions."""
+    if connection.vendor == "postgresql":
+        statements = [
+            "CREATE FUNCTION refuse_link() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'storage refused'; END; "
+            "$$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_link BEFORE UPDATE OF prediction_id ON reports_batchitem "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_link()",
+        ]
+    else:
+        statements = [
+            "CREATE TRIGGER refuse_link BEFORE UPDATE OF prediction_id ON reports_batchitem "
+            "BEGIN SELECT RAISE(ABORT, 'storage refused'); END"
+        ]
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
+def _allow_linking_items():
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("DROP TRIGGER refuse_link ON reports_batchitem")
+            cursor.execute("DROP FUNCTION refuse_link()")
+        else:
+            cursor.execute("DROP TRIGGER refuse_link")
+
+
+def test_a_chunk_that_fails_to_store_leaves_no_thumbnail_files_and_no_results(technologist, tiny_record, settings):
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(50 * i, 80, 190))) for i in range(3)]
+    batch = submit_batch(technologist, entries, tiny_record, name="Refused by the database")
+    _refuse_linking_items()
+    try:
+        with pytest.raises(DatabaseError, match="storage refused"):
+            process_batch_now(batch.pk)
+    finally:
+        _allow_linking_items()
+    assert _media_files(settings, "thumbnails") == []
+    assert Prediction.objects.count() == 0
+    assert not batch.items.exclude(thumbnail="").exists()
+    assert batch.items.filter(status=BatchItem.Status.PENDING).count() == 3
+
+    # The next worker (after the lease expires) finishes the batch with every thumbnail.
+    batch.refresh_from_db()
+    batch.status, batch.lease = "queued", None
+    batch.save(update_fields=["status", "lease"])
+    assert process_batch_now(batch.pk) == "done"
+    assert len(_media_files(settings, "thumbnails")) == 3
+    assert batch.items.exclude(thumbnail="").count() == 3
