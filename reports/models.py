@@ -34,6 +34,7 @@ class Batch(models.Model):
     error = models.TextField(blank=True)
     lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the batch")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="times a worker has taken the batch")
     idempotency_key = models.CharField(max_length=200, blank=True)
     wbc_count = models.FloatField(
         null=True,
@@ -76,6 +77,9 @@ class BatchItem(models.Model):
     position = models.PositiveIntegerField()
     original_filename = models.CharField(max_length=255)
     image = models.FileField(upload_to="batches/%Y/%m/", blank=True)
+    source_url = models.CharField(
+        max_length=2000, blank=True, help_text="an image URL (without credentials) the worker fetches"
+    )
     thumbnail = models.FileField(
         upload_to="thumbnails/%Y/%m/", blank=True, help_text="small WebP for the review gallery, made by the worker"
     )
@@ -133,6 +137,23 @@ class ReportVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch} v{self.number}"
+
+
+class WorkerHeartbeat(models.Model):
+    """A background worker process says it is alive: written at start and every few seconds while it runs."""
+
+    worker_id = models.CharField(max_length=64, unique=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="set when the worker stopped cleanly")
+
+    class Meta:
+        ordering = ["-last_seen"]
+
+    def __str__(self) -> str:
+        return f"worker {self.host}:{self.pid} (last seen {self.last_seen:%Y-%m-%d %H:%M:%S})"
 
 
 class EvaluationRun(models.Model):
