@@ -17,6 +17,14 @@ def threshold_validators() -> list:
 class Laboratory(models.Model):
     name = models.CharField(max_length=200, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    default_model = models.ForeignKey(
+        "classifier.ClassifierModel",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="used by the API and by batches sent without a model (chosen by a Model admin on the models page)",
+    )
 
     class Meta:
         verbose_name_plural = "laboratories"
