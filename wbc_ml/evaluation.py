@@ -14,6 +14,7 @@ from . import datasets
 from .metrics import apply_temperature, classification_report
 from .ood import fit_ood
 from .preprocessing import Normalization
+from .review_flag import DEFAULT_THRESHOLD
 from .training import (
     Log,
     evaluate_ood,
@@ -32,7 +33,9 @@ def load_card(model_path: Path) -> dict:
     return json.loads(card_path.read_text())
 
 
-def evaluate_saved_model(model_path: Path, data_dir: Path, split_name: str, threshold: float = 0.85) -> dict:
+def evaluate_saved_model(
+    model_path: Path, data_dir: Path, split_name: str, threshold: float = DEFAULT_THRESHOLD
+) -> dict:
     """Metrics of a saved model on one split of ``data_dir`` (or 'all' of it), through its card's preprocessing."""
     card = load_card(model_path)
     normalization = Normalization.from_dict(card["normalization"])

@@ -15,6 +15,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from .review_flag import DEFAULT_THRESHOLD
+
 
 class ClassMetrics(TypedDict):
     precision: float
@@ -76,7 +78,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def classification_report(
-    labels: np.ndarray, probs: np.ndarray, class_names: list[str], threshold: float = 0.85
+    labels: np.ndarray, probs: np.ndarray, class_names: list[str], threshold: float = DEFAULT_THRESHOLD
 ) -> MetricsReport:
     """Accuracy, per-class P/R/F1, averages, kappa, confusion matrix, one-vs-rest ROC AUC, ECE."""
     labels = np.asarray(labels)

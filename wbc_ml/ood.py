@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .review_flag import DEFAULT_THRESHOLD
+
 NON_WBC_SPLIT_SEED = "wbc-ood-v1"
 NON_WBC_SPLIT_RULE = (
     "Per kind (erythroblast, ig, platelet), files sorted by sha256('wbc-ood-v1:' + file name): the first half fits "
     "the detector, the second half only measures it."
 )
-DEFAULT_THRESHOLD = 0.85
 VAL_FLAGGED_BUDGET = 0.025  # share of validation WBC images flagged for review in all (confidence or detectors)
 VAL_FLAGGED_BY_DETECTOR_MIN = 0.01  # the network may always flag this share, even when confidence alone is over
 VAL_FLAGGED_BY_DISTANCE = 0.002
@@ -155,7 +156,7 @@ def split_non_wbc(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return fit, measure
 
 
-def _network_threshold(val_scores: np.ndarray, already_flagged: np.ndarray) -> float:
+def network_threshold(val_scores: np.ndarray, already_flagged: np.ndarray) -> float:
     """The lowest score threshold within the validation budget (or the network's own minimum share)."""
     best = np.inf
     for candidate in np.unique(val_scores)[::-1]:  # from the highest score down
@@ -202,5 +203,5 @@ def fit_ood(
     detector.output_weights = np.stack([m.coefs_[1][:, 0] for m in members])
     detector.output_bias = np.array([m.intercepts_[1][0] for m in members])
     already = (np.asarray(val_confidence) < DEFAULT_THRESHOLD) | (distances > detector.distance_threshold)
-    detector.probability_threshold = _network_threshold(detector.non_wbc_probability(val_features), already)
+    detector.probability_threshold = network_threshold(detector.non_wbc_probability(val_features), already)
     return detector

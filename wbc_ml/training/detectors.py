@@ -10,6 +10,7 @@ from .. import datasets
 from ..checksums import file_sha256
 from ..metrics import apply_temperature
 from ..ood import OodDetector, split_non_wbc
+from ..review_flag import DEFAULT_THRESHOLD
 from .augmentation import dihedral_views
 from .common import features_and_probs
 
@@ -33,7 +34,9 @@ def features_of_paths(model, normalization, paths: list[Path], size, dihedral: b
     return features_and_probs(model, x, normalization)[0]
 
 
-def evaluate_ood(model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=0.85):
+def evaluate_ood(
+    model, normalization, temperature, ood, wbc_features, wbc_probs, non_wbc_paths, size, threshold=DEFAULT_THRESHOLD
+):
     """Share of held-out non-WBC images flagged for review versus share of WBC test images flagged."""
     if not non_wbc_paths:
         return {}

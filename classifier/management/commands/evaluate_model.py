@@ -3,6 +3,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from wbc_ml.review_flag import DEFAULT_THRESHOLD
+
 
 class Command(BaseCommand):
     help = "Evaluate a saved model (its card beside it) on an image folder: a table, and JSON if asked."
@@ -16,7 +18,9 @@ class Command(BaseCommand):
             choices=["train", "val", "test", "all"],
             help="which part of the deterministic split to use; 'all' for a lab's own folder (default: test)",
         )
-        parser.add_argument("--threshold", type=float, default=0.85, help="review threshold for the flagged share")
+        parser.add_argument(
+            "--threshold", type=float, default=DEFAULT_THRESHOLD, help="review threshold for the flagged share"
+        )
         parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
 
     def handle(self, *args, **options):
