@@ -145,6 +145,15 @@ class Prediction(models.Model):
     def needs_review(self, threshold: float) -> bool:
         return needs_review(self.confidence, self.is_outlier, threshold)
 
+    OUTLIER_REASON = "unlike the five white-cell classes"
+    LOW_CONFIDENCE_REASON = "low confidence"
+
+    def flag_reason(self, threshold: float) -> str:
+        """Why this cell goes to review, in words ("" when it does not): the detector's verdict comes first."""
+        if self.is_outlier:
+            return self.OUTLIER_REASON
+        return self.LOW_CONFIDENCE_REASON if self.confidence < threshold else ""
+
     @property
     def normalization_label(self) -> str:
         return NORMALIZATION_LABELS.get((self.normalization or self.model.normalization).get("method"), "?")

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import review_views, views
 
 app_name = "reports"
 urlpatterns = [
@@ -10,6 +10,17 @@ urlpatterns = [
     path("<uuid:uid>/status.json", views.batch_status, name="batch_status"),
     path("<uuid:uid>/report.csv", views.batch_csv, name="batch_csv"),
     path("<uuid:uid>/summary.csv", views.batch_summary_csv, name="batch_summary_csv"),
+    # review and sign-off (JSON for the review page; forms for signing), the printable report, the audit trail
+    path("<uuid:uid>/review/", review_views.review_page, name="review"),
+    path("<uuid:uid>/review/state.json", review_views.review_state, name="review_state"),
+    path("<uuid:uid>/review/classify.json", review_views.review_classify, name="review_classify"),
+    path("<uuid:uid>/review/sign/", review_views.review_sign, name="review_sign"),
+    path("<uuid:uid>/review/countersign/", review_views.review_countersign, name="review_countersign"),
+    path("<uuid:uid>/review/amend/", review_views.review_amend, name="review_amend"),
+    path("<uuid:uid>/cells/<int:item_id>/thumb.webp", review_views.cell_thumb, name="cell_thumb"),
+    path("<uuid:uid>/report/print/", review_views.report_print, name="report_print"),
+    path("<uuid:uid>/history/", review_views.slide_history, name="slide_history"),
+    path("<uuid:uid>/history.csv", review_views.slide_history_csv, name="slide_history_csv"),
     # evaluation runs (true labels for a finished batch) and re-running a batch with another model
     path("<uuid:uid>/evaluate/", views.evaluate_batch, name="evaluate"),
     path("<uuid:uid>/rerun/", views.rerun, name="rerun"),

@@ -88,6 +88,8 @@ INSTALLED_APPS = [
     "accounts",
     "classifier",
     "reports",
+    "simple_history",
+    "audit",
 ]
 
 MIDDLEWARE = [
