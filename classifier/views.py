@@ -11,6 +11,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from accounts.scoping import get_scoped_or_404, scoped
 from wbc_ml.inference import ModelUnavailable
 from wbc_ml.preprocessing import ImageRejected
+from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 from wbc_ml.vetting import ModelRejected
 
 from .custom_models import register_custom_model
@@ -137,7 +138,7 @@ def update_threshold(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         if wants_json:
             return JsonResponse({"error": form.errors.get_json_data()}, status=400)
-        messages.error(request, "The threshold must be between 0.50 and 0.99.")
+        messages.error(request, f"The threshold must be between {THRESHOLD_MIN:.2f} and {THRESHOLD_MAX:.2f}.")
     else:
         request.user.review_threshold = round(form.cleaned_data["threshold"], 2)
         request.user.save(update_fields=["review_threshold"])

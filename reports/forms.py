@@ -50,5 +50,7 @@ class EvaluationUploadForm(forms.Form):
         required=False,
         min_value=THRESHOLD_MIN,
         max_value=THRESHOLD_MAX,
-        error_messages={"invalid": "The threshold must be a number between 0.50 and 0.99."},
+        error_messages={
+            "invalid": f"The threshold must be a number between {THRESHOLD_MIN:.2f} and {THRESHOLD_MAX:.2f}."
+        },
     )
