@@ -4,7 +4,7 @@ import io
 import pytest
 from django.urls import reverse
 
-from reports.differential import REPORT_COLUMNS, build_differential, excel_safe
+from reports.differential import REPORT_COLUMNS, REVIEW_COLUMNS, build_differential, excel_safe
 from reports.models import Batch
 from tests.conftest import make_known_batch
 
@@ -61,7 +61,8 @@ def _csv(client, name, batch, **params):
 
 def test_csv_has_the_exact_header_and_one_row_per_classified_image(tech_client, known_batch):
     rows = _csv(tech_client, "reports:batch_csv", known_batch)
-    assert rows[0] == REPORT_COLUMNS + [f"prob_{c}" for c in CLASSES]
+    assert rows[0] == REPORT_COLUMNS + [f"prob_{c}" for c in CLASSES] + REVIEW_COLUMNS
+    assert REVIEW_COLUMNS == ["verified_class", "verified_by", "verified_at", "model_version", "is_outlier"]
     assert rows[0][:6] == ["filename", "predicted_class", "confidence", "needs_review", "timestamp", "processing_ms"]
     assert len(rows) == 7
     by_name = {r[0]: r for r in rows[1:]}
@@ -89,9 +90,11 @@ def test_csv_uses_the_threshold_asked_for(tech_client, known_batch):
 
 def test_summary_csv(tech_client, known_batch):
     rows = _csv(tech_client, "reports:batch_summary_csv", known_batch)
-    assert rows[0] == ["class", "count", "percent"]
-    assert ["neutrophil", "3", "50.0"] in rows and ["lymphocyte", "2", "33.3"] in rows
-    assert ["needs_review", "3", "50.0"] in rows and ["failed", "1", ""] in rows
+    assert rows[0][:3] == ["class", "count", "percent"]
+    by_name = {row[0]: row[1:] for row in rows[1:]}
+    assert by_name["neutrophil"][:4] == ["3", "50.0", "N", "40-60"]
+    assert by_name["lymphocyte"][:4] == ["2", "33.3", "N", "20-40"]
+    assert by_name["needs_review"][:2] == ["3", "50.0"] and by_name["failed"][0] == "1"
 
 
 def test_report_page_shows_tallies_failures_and_rows(tech_client, known_batch):
