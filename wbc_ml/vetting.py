@@ -8,33 +8,53 @@ first, so most bad uploads are refused without ever starting TensorFlow:
 2. format, read from the content (the file name is ignored): HDF5 signature -> ``"h5"`` (legacy
    Keras 2 / tf.keras), a zip holding ``config.json`` and ``metadata.json`` -> ``"keras"`` (Keras 3);
 3. the stored architecture is read as plain JSON (never deserialised) and walked, nested models
-   included: every layer must be a built-in Keras layer on :data:`ALLOWED_LAYERS`; Lambda-style
-   layers, serialised Python code, custom registered objects and objects from modules outside Keras
-   are refused by name;
+   included: every serialised object must be an exact (module, class) pair on :data:`ALLOWED_OBJECTS`
+   (built-in layers, initialisers, regularisers, constraints, dtype policies; and, inside a *nested*
+   model's ``compile_config``, which Keras deserialises even with ``compile=False``, built-in
+   optimisers, schedules, losses and metrics), every function an exact pair on
+   :data:`ALLOWED_FUNCTIONS`. Lambda-style layers, serialised Python code, custom registered objects and
+   anything else (``keras.utils.get_file``, ``keras.config.enable_unsafe_deserialization``, ...) are
+   refused by name. Only the top-level ``compile_config`` is skipped: ``load_model(..., compile=False)``
+   drops it. A ``.keras`` archive's ``config.json`` is walked here (zip + JSON, pure Python); an HDF5
+   file is never parsed in the calling process: the child reads it with h5py and walks it first;
 4. the model is loaded in a separate, short-lived Python process (``keras.models.load_model(...,
-   compile=False, safe_mode=True)``) under a wall-clock time-out and a memory cap; there it must
+   compile=False, safe_mode=True)``) under a wall-clock time-out and resource limits; there it must
    take one ``(None, H, W, 3)`` image input and give one ``(None, expected_classes)`` output, and its
-   prediction on a fixed probe image must be a probability vector;
-5. the file's SHA-256 is recorded.
+   prediction on a fixed probe image must be a probability vector. When asked (``onnx_path``), the same
+   child exports the ONNX copy used for serving and checks it against TensorFlow, so the uploaded file
+   is never loaded by Keras in the web process;
+5. the file's SHA-256 (and the ONNX copy's) is recorded.
 
-Only the standard library is imported here at module level. TensorFlow/Keras are only ever imported
-inside the loader process; h5py only inside the HDF5 inspection.
+Only the standard library is imported here at module level. TensorFlow/Keras, h5py and the ONNX tools
+are only ever imported inside the child process.
 
-The loader process is ``python -m wbc_ml.vetting_child`` (:mod:`wbc_ml.vetting_child`; ``wbc_ml`` imports no
-Django): it reads a JSON request on stdin and writes one
-JSON line back on its original stdout (anything TensorFlow prints is redirected to stderr). It runs in
-its own session (process group) with an empty temporary working directory, so a time-out kills the
-whole group. Its memory is capped with ``RLIMIT_DATA`` (heap and other private writable memory,
-``memory_limit_mb``) plus a looser ``RLIMIT_AS`` backstop, because TensorFlow reserves far more
-address space than it uses. TensorFlow itself needs roughly 0.5 GB of that allowance.
+The child is ``python -m wbc_ml.vetting_child`` (:mod:`wbc_ml.vetting_child`; ``wbc_ml`` imports no
+Django): it reads a JSON request on stdin and writes one JSON line back on its original stdout (anything
+TensorFlow prints is redirected to stderr). Its sandbox:
+
+* a scrubbed environment: only :data:`CHILD_ENV_NAMES` (``PATH``, ``PYTHONPATH``, ``LANG``, ``HOME`` and
+  ``TMPDIR`` set to its own empty temporary working directory, thread caps, TensorFlow's log level);
+  no secret, database URL or cloud credential of the web process reaches it;
+* no network: it runs under ``unshare -n`` (``unshare -rn`` when not root), a network namespace with
+  nothing but a downed loopback, when a probe run shows this host allows it (:func:`network_isolation`).
+  Where it does not (no ``unshare``, no user namespaces, e.g. in some containers), the child runs
+  without that isolation and a warning is logged once: the other limits still apply, and the
+  architecture walk above has already refused every object that could reach the network;
+* its own session (process group), so a time-out kills the whole group;
+* resource limits: memory with ``RLIMIT_DATA`` (heap and other private writable memory,
+  ``memory_limit_mb``) plus a looser ``RLIMIT_AS`` backstop, because TensorFlow reserves far more address
+  space than it uses (TensorFlow itself needs roughly 0.5 GB of the allowance); CPU seconds
+  (``RLIMIT_CPU``), the size of any file it writes (``RLIMIT_FSIZE``), open files (``RLIMIT_NOFILE``),
+  and no core dumps.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,10 +79,25 @@ MAX_CONFIG_DEPTH = 400  # nesting depth of the JSON walk (nested models add a fe
 ARCHIVE_EXPANSION_FACTOR = 4  # a .keras archive may unpack to at most this multiple of max_bytes
 ADDRESS_SPACE_HEADROOM_MB = 4096  # RLIMIT_AS = memory_limit_mb + this (TensorFlow reserves a lot)
 CHILD_THREADS = "2"  # the loader only runs one tiny prediction; keeps its thread (and stack) count low
+CHILD_MAX_OPEN_FILES = 1024  # RLIMIT_NOFILE
+CHILD_MAX_WRITTEN_MB = 2048  # RLIMIT_FSIZE: the largest file the child may write (the ONNX copy)
+CHILD_ONNX_NAME = "model.onnx"  # written by the child in its working directory, then moved by the caller
 
-# Built-in layer classes accepted anywhere in the architecture (the usual CNN building blocks).
+# --- what a stored architecture may contain: exact (module, class) pairs ------------------------------
+
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
-ALLOWED_LAYERS = frozenset(
+MODEL_OBJECTS = frozenset(
+    {
+        ("keras.src.models.functional", "Functional"),
+        ("keras", "Functional"),
+        ("keras", "Sequential"),
+        ("keras.src.models.sequential", "Sequential"),
+        ("keras", "Model"),
+        ("keras.src.models.model", "Model"),
+    }
+)
+# Built-in layer classes accepted anywhere in the architecture (the usual CNN building blocks).
+LAYER_CLASSES = frozenset(
     {
         "InputLayer",
         "Conv2D",
@@ -112,28 +147,92 @@ ALLOWED_LAYERS = frozenset(
         "Permute",
         "RepeatVector",
         "Identity",
-        *MODEL_CLASSES,
     }
 )
+ALLOWED_LAYERS = LAYER_CLASSES | MODEL_CLASSES
+INITIALIZERS = (
+    "Constant GlorotNormal GlorotUniform HeNormal HeUniform Identity LecunNormal LecunUniform Ones Orthogonal "
+    "RandomNormal RandomUniform TruncatedNormal VarianceScaling Zeros"
+).split()
+REGULARIZERS = "L1 L2 L1L2 OrthogonalRegularizer".split()
+CONSTRAINTS = "MaxNorm MinMaxNorm NonNeg UnitNorm".split()
+# Only ever inside a nested model's compile_config:
+OPTIMIZERS = "Adadelta Adafactor Adagrad Adam AdamW Adamax Ftrl Lamb Lion Nadam RMSprop SGD".split()
+LR_SCHEDULES = (
+    "CosineDecay CosineDecayRestarts ExponentialDecay InverseTimeDecay PiecewiseConstantDecay PolynomialDecay"
+).split()
+LOSSES = (
+    "BinaryCrossentropy BinaryFocalCrossentropy CategoricalCrossentropy CategoricalFocalCrossentropy "
+    "CategoricalHinge Hinge Huber KLDivergence LogCosh MeanAbsoluteError MeanAbsolutePercentageError "
+    "MeanSquaredError MeanSquaredLogarithmicError Poisson SparseCategoricalCrossentropy SquaredHinge"
+).split()
+METRICS = (
+    "AUC Accuracy BinaryAccuracy CategoricalAccuracy F1Score FBetaScore Mean Precision Recall "
+    "SparseCategoricalAccuracy SparseTopKCategoricalAccuracy TopKCategoricalAccuracy"
+).split()
+
+
+def _pairs(module: str, names) -> set[tuple[str, str]]:
+    return {(module, name) for name in names}
+
+
+ALLOWED_OBJECTS = frozenset(
+    MODEL_OBJECTS
+    | _pairs("keras.layers", LAYER_CLASSES)
+    | _pairs("keras.initializers", INITIALIZERS)
+    | _pairs("keras.regularizers", REGULARIZERS)
+    | _pairs("keras.constraints", CONSTRAINTS)
+    | _pairs("keras", ("DTypePolicy", "FloatDTypePolicy"))
+    | _pairs("keras.dtype_policies", ("DTypePolicy", "FloatDTypePolicy"))
+    | _pairs("keras.optimizers", OPTIMIZERS)
+    | _pairs("keras.optimizers.schedules", LR_SCHEDULES)
+    | _pairs("keras.losses", LOSSES)
+    | _pairs("keras.metrics", METRICS)
+)
+# Objects written without a module (Keras' own markers; legacy HDF5 configs name classes only).
+MARKER_OBJECTS = frozenset(
+    {"__keras_tensor__", "__tuple__", "__numpy__", "__tensor__", "__bytes__", "__slice__", "__ellipsis__"}
+)
+NAMES_WITHOUT_MODULE = frozenset({name for _module, name in ALLOWED_OBJECTS} | MARKER_OBJECTS | {"Policy"})
 # Layers that wrap arbitrary Python (or raw TensorFlow) code; named specially in the refusal.
 CODE_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
-# Serialised objects may only come from Keras itself (Keras 3, Keras 2 / tf.keras, tf_keras).
-KERAS_MODULE_ROOTS = ("keras", "tf_keras", "tf.keras", "tensorflow.keras", "tensorflow.python.keras")
-# Functions referenced by name (e.g. an activation) may only be Keras' own activations.
-FUNCTION_MODULES = frozenset(
+# Functions referenced by name: Keras' own activations, losses and metrics, by exact (module, name).
+ACTIVATIONS = (
+    "celu elu exponential gelu glu hard_shrink hard_sigmoid hard_silu hard_swish hard_tanh leaky_relu linear "
+    "log_sigmoid log_softmax mish relu relu6 selu sigmoid silu soft_shrink softmax softplus softsign sparse_plus "
+    "sparsemax squareplus swish tanh tanh_shrink"
+).split()
+LOSS_FUNCTIONS = (
+    "binary_crossentropy binary_focal_crossentropy categorical_crossentropy categorical_focal_crossentropy "
+    "categorical_hinge hinge huber kl_divergence log_cosh mean_absolute_error mean_absolute_percentage_error "
+    "mean_squared_error mean_squared_logarithmic_error poisson sparse_categorical_crossentropy squared_hinge"
+).split()
+METRIC_FUNCTIONS = (
+    "binary_accuracy categorical_accuracy sparse_categorical_accuracy sparse_top_k_categorical_accuracy "
+    "top_k_categorical_accuracy"
+).split()
+ALLOWED_FUNCTIONS = frozenset(
     {
-        "keras.activations",
-        "keras.src.activations",
-        "keras.src.activations.activations",
-        "tf_keras.activations",
-        "tf_keras.src.activations",
-        "tensorflow.keras.activations",
-        "tensorflow.python.keras.activations",
+        (module, name)
+        for modules, names in (
+            (
+                (
+                    "keras.activations",
+                    "keras.src.activations",
+                    "keras.src.activations.activations",
+                    "tf_keras.activations",
+                    "tensorflow.keras.activations",
+                ),
+                ACTIVATIONS,
+            ),
+            (("keras.losses", "keras.src.losses.losses"), LOSS_FUNCTIONS),
+            (("keras.metrics", "keras.src.metrics.accuracy_metrics"), METRIC_FUNCTIONS),
+        )
+        for module in modules
+        for name in names
     }
 )
-# Parts of the stored config that ``load_model(..., compile=False)`` never deserialises.
-IGNORED_KEYS = frozenset({"compile_config"})
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+KERAS_MODULE_ROOTS = ("keras", "tf_keras", "tf.keras", "tensorflow.keras", "tensorflow.python.keras")
 
 
 class ModelRejected(ValueError):
@@ -148,6 +247,8 @@ class ValidatedModel:
     parameters: int
     sha256: str
     probe_probabilities: list[float]
+    onnx_sha256: str | None = None  # the ONNX copy written to ``onnx_path``, when one was asked for and agreed
+    onnx_status: str = ""  # how the model will be served, in words
 
 
 def validate_model_file(
@@ -157,9 +258,15 @@ def validate_model_file(
     max_bytes: int = 200 * MIB,
     timeout_s: float = 60.0,
     memory_limit_mb: int = 4096,
+    onnx_path: Path | None = None,
+    normalization: dict | None = None,
     _child_sleep_s: float = 0.0,
 ) -> ValidatedModel:
     """Vet ``path`` (see the module docstring); raise :class:`ModelRejected` with a user message.
+
+    With ``onnx_path``, the child also exports the ONNX copy for serving (probe batch normalised with
+    ``normalization``); it is written there only when ONNX Runtime and TensorFlow agree. A failed export
+    is no refusal: ``onnx_sha256`` is then None and ``onnx_status`` says why TensorFlow serves.
 
     ``_child_sleep_s`` is a test hook only: the loader process sleeps that long before loading, to
     exercise the time-out with a real process.
@@ -171,7 +278,8 @@ def validate_model_file(
     path = Path(path)
     _check_size(path, max_bytes)
     fmt = detect_format(path, max_bytes=max_bytes)
-    inspect_architecture(read_model_config(path, fmt))
+    if fmt == "keras":
+        inspect_architecture(read_keras_config(path))  # an HDF5 file is walked by the child
     report = _load_in_child(
         path,
         fmt,
@@ -179,6 +287,9 @@ def validate_model_file(
         timeout_s=timeout_s,
         memory_limit_mb=memory_limit_mb,
         sleep_s=_child_sleep_s,
+        inspect=fmt == "h5",
+        onnx_path=onnx_path,
+        normalization=normalization,
     )
     return ValidatedModel(
         format=fmt,
@@ -187,6 +298,8 @@ def validate_model_file(
         parameters=int(report["parameters"]),
         sha256=file_sha256(path),
         probe_probabilities=[float(p) for p in report["probabilities"]],
+        onnx_sha256=report.get("onnx_sha256"),
+        onnx_status=str(report.get("onnx_status", "")),
     )
 
 
@@ -255,23 +368,25 @@ def detect_format(path: Path, *, max_bytes: int = 200 * MIB) -> str:
 # --- 3. architecture, read as JSON and never deserialised -------------------------------------------
 
 
-def read_model_config(path: Path, fmt: str) -> dict:
-    """The stored architecture as plain JSON (``config.json`` of a .keras, ``model_config`` of an .h5)."""
-    if fmt == "keras":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                info = archive.getinfo("config.json")
-                if info.file_size > MAX_CONFIG_BYTES:
-                    raise ModelRejected("The model's config.json is implausibly large.")
-                raw: str | bytes = archive.read(info)
-        except (zipfile.BadZipFile, KeyError, OSError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, ModelRejected):
-                raise
-            raise ModelRejected("The model archive is damaged: its config.json cannot be read.") from exc
-    elif fmt == "h5":
-        raw = _read_h5_model_config(path)
-    else:
-        raise ValueError(f"unknown format {fmt!r}")
+def read_keras_config(path: Path) -> dict:
+    """The stored architecture of a .keras archive (its ``config.json``) as plain JSON."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > MAX_CONFIG_BYTES:
+                raise ModelRejected("The model's config.json is implausibly large.")
+            raw = archive.read(info)
+    except (zipfile.BadZipFile, KeyError, OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, ModelRejected):
+            raise
+        raise ModelRejected("The model archive is damaged: its config.json cannot be read.") from exc
+    return parse_config(raw)
+
+
+def parse_config(raw: str | bytes) -> dict:
+    """Stored architecture text -> dict, or :class:`ModelRejected`."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ModelRejected("The model's stored architecture is implausibly large.")
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -281,28 +396,8 @@ def read_model_config(path: Path, fmt: str) -> dict:
     return config
 
 
-def _read_h5_model_config(path: Path) -> str | bytes:
-    import h5py  # only needed here; a Keras dependency
-
-    try:
-        with h5py.File(path, "r") as handle:
-            raw = handle.attrs.get("model_config")
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelRejected("The HDF5 file is damaged and cannot be read.") from exc
-    if raw is None:
-        raise ModelRejected(
-            "This HDF5 file is a weights-only file, no model architecture: "
-            "save the whole model with model.save(...), not save_weights(...)."
-        )
-    if not isinstance(raw, bytes | str):  # h5py gives str, or numpy.bytes_ (a bytes subclass)
-        raise ModelRejected("The HDF5 file's model_config is not a model description.")
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ModelRejected("The model's stored architecture is implausibly large.")
-    return raw
-
-
 def inspect_architecture(config: dict) -> None:
-    """Refuse anything but a Functional/Sequential model of allowlisted built-in Keras layers."""
+    """Refuse anything but a Functional/Sequential model of allowlisted built-in Keras objects."""
     class_name = config.get("class_name")
     if class_name not in MODEL_CLASSES:
         _check_object(config, "The model")
@@ -311,7 +406,7 @@ def inspect_architecture(config: dict) -> None:
             "built from standard layers."
         )
     try:
-        _inspect_layer(config, depth=0)
+        _inspect_layer(config, depth=0, top_level=True)
     except RecursionError as exc:
         raise ModelRejected("The model's architecture is nested too deeply.") from exc
 
@@ -327,7 +422,7 @@ def short_text(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _inspect_layer(entry, depth: int) -> None:
+def _inspect_layer(entry, depth: int, top_level: bool = False) -> None:
     if depth > MAX_CONFIG_DEPTH:
         raise ModelRejected("The model's architecture is nested too deeply.")
     if not isinstance(entry, dict):
@@ -335,7 +430,7 @@ def _inspect_layer(entry, depth: int) -> None:
     name = _layer_name(entry)
     where = f"Layer '{name}'"
     class_name = entry.get("class_name")
-    _check_object(entry, where)
+    _check_code(entry, where)
     if class_name in CODE_LAYERS:
         raise ModelRejected(f"{where} is a {class_name} layer: arbitrary code is not allowed.")
     if not isinstance(class_name, str) or class_name not in ALLOWED_LAYERS:
@@ -343,11 +438,15 @@ def _inspect_layer(entry, depth: int) -> None:
             f"{where} has class {short_text(class_name)}, which is not one of the built-in Keras layers "
             "allowed on this platform."
         )
+    _check_object(entry, where)
     inner = entry.get("config")
     for key, value in entry.items():
-        if key in IGNORED_KEYS or key == "config":
-            continue
-        _scan(value, where, depth + 1)
+        if key == "config" or (key == "compile_config" and top_level):
+            continue  # load_model(..., compile=False) drops only the top-level compile_config
+        if key == "compile_config":  # a nested model's: Keras deserialises it on load
+            _scan(value, f"Nested model '{name}' (its saved compile settings)", depth + 1)
+        else:
+            _scan(value, where, depth + 1)
     if isinstance(inner, dict):
         for key, value in inner.items():
             if key == "layers" and class_name in MODEL_CLASSES:
@@ -355,7 +454,7 @@ def _inspect_layer(entry, depth: int) -> None:
                     raise ModelRejected(f"{where} has a malformed list of layers.")
                 for sub_entry in value:
                     _inspect_layer(sub_entry, depth + 1)
-            elif key not in IGNORED_KEYS:
+            else:
                 _scan(value, where, depth + 1)
     elif inner is not None:
         _scan(inner, where, depth + 1)
@@ -366,17 +465,30 @@ def _scan(node, where: str, depth: int) -> None:
     if depth > MAX_CONFIG_DEPTH:
         raise ModelRejected("The model's architecture is nested too deeply.")
     if isinstance(node, dict):
-        if "class_name" in node:
-            _check_object(node, where)
         if node.get("class_name") in CODE_LAYERS or node.get("class_name") in MODEL_CLASSES:
             _inspect_layer(node, depth + 1)  # a layer inside a wrapper's config: same rules
             return
-        for key, value in node.items():
-            if key not in IGNORED_KEYS:
-                _scan(value, where, depth + 1)
+        if "class_name" in node:
+            _check_code(node, where)
+            _check_object(node, where)
+        for value in node.values():
+            _scan(value, where, depth + 1)
     elif isinstance(node, list):
         for item in node:
             _scan(item, where, depth + 1)
+
+
+def _check_code(node: dict, where: str) -> None:
+    """Refuse serialised Python code and custom registered objects, whatever their module says."""
+    class_name = node.get("class_name")
+    if class_name == "__lambda__" or node.get("function_type") == "lambda" or node.get("output_shape_type") == "lambda":
+        raise ModelRejected(f"{where} contains serialised Python code (a lambda): arbitrary code is not allowed.")
+    for text in (class_name, node.get("registered_name")):
+        if isinstance(text, str) and ">" in text:
+            raise ModelRejected(
+                f"{where} uses the custom object '{short_text(text)}': custom code is not allowed; "
+                "use built-in Keras layers only."
+            )
 
 
 def _is_keras_module(module: str) -> bool:
@@ -384,98 +496,192 @@ def _is_keras_module(module: str) -> bool:
 
 
 def _check_object(node: dict, where: str) -> None:
-    """Refuse serialised code, custom registered objects and objects from outside Keras."""
+    """Only exact (module, class) pairs of built-in Keras objects, and exact built-in functions."""
+    _check_code(node, where)
     class_name = node.get("class_name")
-    if class_name == "__lambda__" or node.get("function_type") == "lambda" or node.get("output_shape_type") == "lambda":
-        raise ModelRejected(f"{where} contains serialised Python code (a lambda): arbitrary code is not allowed.")
     module = node.get("module")
     registered = node.get("registered_name")
-    for text in (class_name, registered):
-        if isinstance(text, str) and ">" in text:
-            raise ModelRejected(
-                f"{where} uses the custom object '{short_text(text)}': custom code is not allowed; "
-                "use built-in Keras layers only."
-            )
     if class_name == "function":
         fn = node.get("config")
-        if (
-            not isinstance(fn, str)
-            or not _IDENTIFIER.match(fn)
-            or module not in FUNCTION_MODULES
-            or registered not in (None, fn)
-        ):
+        if not isinstance(fn, str) or (module, fn) not in ALLOWED_FUNCTIONS or registered not in (None, fn):
             raise ModelRejected(
                 f"{where} refers to the function '{short_text(module)}.{short_text(fn)}', which is not a built-in "
-                "Keras activation: custom code is not allowed."
+                "Keras activation, loss or metric: custom code is not allowed."
             )
-    elif module is not None and (not isinstance(module, str) or not _is_keras_module(module)):
+        return
+    if module is None:
+        if class_name not in NAMES_WITHOUT_MODULE:
+            raise ModelRejected(
+                f"{where} uses {short_text(class_name)}, which is not one of the built-in Keras objects allowed on "
+                "this platform: custom code is not allowed."
+            )
+    elif not isinstance(module, str) or not _is_keras_module(module):
         raise ModelRejected(
             f"{where} uses {short_text(class_name)} from module '{short_text(module)}', which is not part of Keras: "
             "custom code is not allowed."
         )
-    elif registered is not None and registered != class_name:
+    elif (module, class_name) not in ALLOWED_OBJECTS:
+        raise ModelRejected(
+            f"{where} uses {short_text(class_name)} from module '{short_text(module)}', which is not one of the "
+            "built-in Keras objects allowed on this platform."
+        )
+    if registered is not None and registered != class_name:
         raise ModelRejected(
             f"{where} uses the custom object '{short_text(registered)}': custom code is not allowed; "
             "use built-in Keras layers only."
         )
 
 
-# --- 4. loading in a separate process ------------------------------------------------------------------
+# --- 4. the child process and its sandbox ----------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # so the child can import wbc_ml (and nothing of Django)
+CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "PYTHONPATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "CUDA_VISIBLE_DEVICES",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+        "OMP_NUM_THREADS",
+        "MALLOC_ARENA_MAX",
+        "KERAS_BACKEND",
+    }
+)
+
+
+def child_environment(workdir: Path) -> dict[str, str]:
+    """The child's whole environment: nothing of the web process's (secrets, database URL, cloud keys)."""
+    env = {
+        "PATH": os.environ.get("PATH") or os.defpath,
+        "PYTHONPATH": str(REPO_ROOT),
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "LANG": os.environ.get("LANG") or "C.UTF-8",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "-1",  # validation needs no GPU; keep it away from the serving process's
+        "TF_NUM_INTRAOP_THREADS": CHILD_THREADS,
+        "TF_NUM_INTEROP_THREADS": CHILD_THREADS,
+        "OMP_NUM_THREADS": CHILD_THREADS,
+        "MALLOC_ARENA_MAX": "2",
+        "KERAS_BACKEND": "tensorflow",
+    }
+    return env
+
+
+@functools.cache
+def network_isolation() -> tuple[str, ...] | None:
+    """The ``unshare`` prefix that puts the child in an empty network namespace, if a probe run works here."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        logger.warning("no unshare on this host: model files are vetted without network isolation")
+        return None
+    flag_sets = (("-n",), ("-rn",)) if os.geteuid() == 0 else (("-rn",),)
+    for flags in flag_sets:
+        prefix = (unshare, *flags, "--")
+        try:
+            probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return prefix
+    logger.warning("unshare cannot create a network namespace here: model files are vetted without network isolation")
+    return None
+
+
+def describe_sandbox(*, connect_port: int | None = None, memory_limit_mb: int = 4096, timeout_s: float = 60) -> dict:
+    """What the child sees (environment, working directory, limits, and whether it reaches 127.0.0.1:port).
+
+    For tests and operators: it starts the child exactly as :func:`validate_model_file` does.
+    """
+    with tempfile.TemporaryDirectory(prefix="wbc-model-check-") as workdir:
+        request = {"action": "describe", "connect_port": connect_port}
+        return _run_child(request, Path(workdir), timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
 
 
 def _load_in_child(
-    path: Path, fmt: str, *, expected_classes: int, timeout_s: float, memory_limit_mb: int, sleep_s: float
+    path: Path,
+    fmt: str,
+    *,
+    expected_classes: int,
+    timeout_s: float,
+    memory_limit_mb: int,
+    sleep_s: float,
+    inspect: bool = True,
+    onnx_path: Path | None = None,
+    normalization: dict | None = None,
 ) -> dict:
-    with tempfile.TemporaryDirectory(prefix="wbc-model-check-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="wbc-model-check-") as tmp:
+        workdir = Path(tmp)
         # Keras picks its loader by file extension; give it the one the content says.
-        link = Path(workdir) / ("model.keras" if fmt == "keras" else "model.h5")
+        link = workdir / ("model.keras" if fmt == "keras" else "model.h5")
         try:
             link.symlink_to(path.resolve())
         except OSError:
-            import shutil
-
             shutil.copyfile(path, link)
         request = {
+            "action": "vet",
             "path": str(link),
+            "format": fmt,
+            "inspect": inspect,
             "expected_classes": expected_classes,
-            "memory_limit_mb": memory_limit_mb,
             "sleep_s": float(sleep_s),
+            "onnx": None if onnx_path is None else {"normalization": normalization or {"method": "scale01"}},
         }
-        env = {
-            **os.environ,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "CUDA_VISIBLE_DEVICES": "-1",  # validation needs no GPU; keep it away from the serving process's
-            "TF_NUM_INTRAOP_THREADS": CHILD_THREADS,
-            "TF_NUM_INTEROP_THREADS": CHILD_THREADS,
-            "OMP_NUM_THREADS": CHILD_THREADS,
-            "MALLOC_ARENA_MAX": "2",
-            "PYTHONPATH": str(REPO_ROOT),
-        }
-        started = time.monotonic()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "wbc_ml.vetting_child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,  # its own process group, killed as a whole on time-out
-        )
-        try:
-            stdout, stderr = process.communicate(json.dumps(request).encode(), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            process.communicate()
-            raise ModelRejected(
-                f"Loading the model took longer than {timeout_s:g} s, so it was stopped; "
-                "a model for this platform should load in seconds."
-            ) from None
-        except BaseException:
-            _kill_group(process)
-            process.communicate()
-            raise
+        report = _run_child(request, workdir, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
+        if onnx_path is not None:
+            report["onnx_sha256"] = _take_onnx_copy(workdir / CHILD_ONNX_NAME, onnx_path, report)
+    return report
+
+
+def _take_onnx_copy(written: Path, target: Path, report: dict) -> str | None:
+    """Move the child's ONNX copy to ``target`` (a regular file only, never a link); its sha256, or None."""
+    if not report.get("onnx_written"):
+        return None
+    if written.is_symlink() or not written.is_file():
+        report["onnx_status"] = "TensorFlow fallback: the ONNX export left no regular file"
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(written, "rb") as source, open(target, "xb") as out:
+        shutil.copyfileobj(source, out)
+    return file_sha256(target)
+
+
+def _run_child(request: dict, workdir: Path, *, timeout_s: float, memory_limit_mb: int) -> dict:
+    request = {
+        **request,
+        "memory_limit_mb": memory_limit_mb,
+        "cpu_limit_s": int(2 * timeout_s) + 10,  # a backstop if this process dies; the wall clock rules
+        "max_open_files": CHILD_MAX_OPEN_FILES,
+        "max_written_bytes": CHILD_MAX_WRITTEN_MB * MIB,
+    }
+    command = [*(network_isolation() or ()), sys.executable, "-s", "-m", "wbc_ml.vetting_child"]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=workdir,
+        env=child_environment(workdir),
+        start_new_session=True,  # its own process group, killed as a whole on time-out
+    )
+    try:
+        stdout, stderr = process.communicate(json.dumps(request).encode(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        process.communicate()
+        raise ModelRejected(
+            f"Loading the model took longer than {timeout_s:g} s, so it was stopped; "
+            "a model for this platform should load in seconds."
+        ) from None
+    except BaseException:
+        _kill_group(process)
+        process.communicate()
+        raise
     elapsed = time.monotonic() - started
     return _read_child_report(process.returncode, stdout, stderr, memory_limit_mb, elapsed)
 

@@ -1,8 +1,10 @@
 """The model-vetting child process: ``python -m wbc_ml.vetting_child``, started by :mod:`wbc_ml.vetting`.
 
-It reads a JSON request on stdin, caps its own memory, loads the model with Keras (``safe_mode=True``), checks its
-input and output shapes and a probe prediction, and writes one JSON line on its original stdout. Whatever
-TensorFlow prints goes to stderr.
+It reads a JSON request on stdin and sets its own resource limits. Then (``"action": "vet"``) it walks an HDF5
+file's stored architecture (h5py is used only here, never in the web process), loads the model with Keras
+(``safe_mode=True``), checks its input and output shapes and a probe prediction and, when asked, exports the ONNX
+copy used for serving into its working directory. It writes one JSON line on its original stdout; whatever
+TensorFlow prints goes to stderr. ``"action": "describe"`` reports the sandbox it runs in (for tests).
 """
 
 from __future__ import annotations
@@ -10,30 +12,44 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
+from pathlib import Path
 
 from wbc_ml.vetting import (
     ADDRESS_SPACE_HEADROOM_MB,
+    CHILD_ONNX_NAME,
     MIB,
     MIN_INPUT_SIDE,
     PROBABILITY_TOLERANCE,
     PROBE_SEED,
     SUM_TOLERANCE,
     ModelRejected,
+    inspect_architecture,
+    parse_config,
+    read_keras_config,
     short_text,
 )
 
+LIMIT_NAMES = ("RLIMIT_DATA", "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_CPU")
 
-def _apply_memory_limit(memory_limit_mb: int) -> None:
-    """Cap this (loader) process: RLIMIT_DATA is the real cap, RLIMIT_AS a generous backstop."""
+
+def _apply_limits(request: dict) -> None:
+    """Cap this process: RLIMIT_DATA is the real memory cap, RLIMIT_AS a generous backstop; CPU seconds,
+    written file size, open files, and no core dumps."""
     try:
         import resource
     except ImportError:  # not on POSIX: the time-out still applies
         return
+    memory_limit_mb = int(request["memory_limit_mb"])
     limits = (
         ("RLIMIT_DATA", memory_limit_mb * MIB),
         ("RLIMIT_AS", (memory_limit_mb + ADDRESS_SPACE_HEADROOM_MB) * MIB),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NOFILE", int(request["max_open_files"])),
+        ("RLIMIT_FSIZE", int(request["max_written_bytes"])),
+        ("RLIMIT_CPU", int(request["cpu_limit_s"])),
     )
     for name, value in limits:
         which = getattr(resource, name, None)
@@ -52,10 +68,8 @@ def main() -> None:
     try:
         request = json.loads(sys.stdin.read())
         memory_limit_mb = int(request["memory_limit_mb"])
-        _apply_memory_limit(memory_limit_mb)
-        if request.get("sleep_s"):
-            time.sleep(float(request["sleep_s"]))  # test hook: a load that hangs
-        report = _load_and_probe(request["path"], int(request["expected_classes"]))
+        _apply_limits(request)
+        report = _describe(request) if request.get("action") == "describe" else _vet(request)
     except ModelRejected as exc:
         report = {"refused": str(exc)}
     except MemoryError:
@@ -67,11 +81,73 @@ def main() -> None:
         out.write(json.dumps(report) + "\n")
 
 
+def _vet(request: dict) -> dict:
+    path = request["path"]
+    if request.get("inspect"):
+        config = _read_h5_config(path) if request["format"] == "h5" else read_keras_config(Path(path))
+        inspect_architecture(config)
+    if request.get("sleep_s"):
+        time.sleep(float(request["sleep_s"]))  # test hook: a load that hangs
+    model, report = _load_and_probe(path, int(request["expected_classes"]))
+    if request.get("onnx") is not None:
+        report |= _export_onnx(model, tuple(report["input_size"]), request["onnx"]["normalization"])
+    return report
+
+
+def _read_h5_config(path: str) -> dict:
+    import h5py  # a Keras dependency; only ever imported in this child
+
+    try:
+        with h5py.File(path, "r") as handle:
+            raw = handle.attrs.get("model_config")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelRejected("The HDF5 file is damaged and cannot be read.") from exc
+    if raw is None:
+        raise ModelRejected(
+            "This HDF5 file is a weights-only file, no model architecture: "
+            "save the whole model with model.save(...), not save_weights(...)."
+        )
+    if not isinstance(raw, bytes | str):  # h5py gives str, or numpy.bytes_ (a bytes subclass)
+        raise ModelRejected("The HDF5 file's model_config is not a model description.")
+    return parse_config(raw)
+
+
+def _export_onnx(model, input_size: tuple[int, int], normalization: dict) -> dict:
+    """The ONNX copy for serving, in this process's working directory, checked against TensorFlow."""
+    from wbc_ml.onnx_export import export_model_onnx, fallback_status, served_status
+
+    try:
+        difference = export_model_onnx(model, Path.cwd() / CHILD_ONNX_NAME, input_size, normalization)
+    except Exception as exc:  # any failure means: serve with TensorFlow, and say why
+        return {"onnx_written": False, "onnx_status": fallback_status(exc)}
+    return {"onnx_written": True, "onnx_status": served_status(difference)}
+
+
+def _describe(request: dict) -> dict:
+    """The sandbox as this process sees it (environment, working directory, limits, network)."""
+    import resource
+
+    network = "not tried"
+    if request.get("connect_port"):
+        try:
+            with socket.create_connection(("127.0.0.1", int(request["connect_port"])), timeout=3):
+                network = "reachable"
+        except OSError as exc:
+            network = f"unreachable ({exc})"
+    return {
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "cwd_entries": sorted(os.listdir(".")),
+        "rlimits": {name: resource.getrlimit(getattr(resource, name))[0] for name in LIMIT_NAMES},
+        "network": network,
+    }
+
+
 def _shape(tensor) -> tuple:
     return tuple(None if dim is None else int(dim) for dim in tensor.shape)
 
 
-def _load_and_probe(path: str, expected_classes: int) -> dict:
+def _load_and_probe(path: str, expected_classes: int) -> tuple[object, dict]:
     import keras
     import numpy as np
 
@@ -115,7 +191,7 @@ def _load_and_probe(path: str, expected_classes: int) -> dict:
             f"The model gave {values.size} values for one image; this platform needs {expected_classes}."
         )
     _check_probabilities(values.tolist())
-    return {
+    return model, {
         "input_size": [height, width],
         "n_outputs": expected_classes,
         "parameters": int(model.count_params()),
