@@ -54,7 +54,9 @@ class ModelAndNormalizationForm(forms.Form):
 
     model = ModelChoiceField()
     normalization = forms.ChoiceField(
-        choices=[("", "The model's own (from its card)"), *NORMALIZATION_LABELS.items()], required=False
+        choices=[("", "The model's own (from its card)"), *NORMALIZATION_LABELS.items()],
+        required=False,
+        label="Normalisation",
     )
     norm_mean = forms.CharField(required=False, label="Mean (R, G, B)", widget=forms.TextInput(attrs={"size": 18}))
     norm_std = forms.CharField(required=False, label="Std (R, G, B)", widget=forms.TextInput(attrs={"size": 18}))
@@ -111,7 +113,9 @@ class CustomModelForm(forms.Form):
         initial=", ".join(WBC_CLASS_ORDER),
         help_text="The model's outputs in order. Default: alphabetical, what the common Keras recipes produce.",
     )
-    normalization = forms.ChoiceField(choices=list(NORMALIZATION_LABELS.items()), initial="scale01")
+    normalization = forms.ChoiceField(
+        choices=list(NORMALIZATION_LABELS.items()), initial="scale01", label="Normalisation"
+    )
     norm_mean = forms.CharField(required=False, label="Mean (R, G, B)", initial="127.5, 127.5, 127.5")
     norm_std = forms.CharField(required=False, label="Std (R, G, B)", initial="127.5, 127.5, 127.5")
 

@@ -32,3 +32,17 @@ def milliseconds(value) -> str:
 @register.filter
 def needs_review(prediction, threshold) -> bool:
     return prediction.needs_review(float(threshold))
+
+
+@register.filter
+def compact_count(value) -> str:
+    """A large count people read at a glance: 2264389 -> '2.26 M', 421317 -> '0.42 M', 8450 -> '8.45 k'."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return "—"
+    if abs(number) >= 100_000:
+        return f"{number / 1e6:.2f} M"
+    if abs(number) >= 1_000:
+        return f"{number / 1e3:.2f} k"
+    return str(number)

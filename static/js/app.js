@@ -14,7 +14,15 @@
     const form = document.getElementById("classify-form");
     if (!zone || !input || !form) return;
     const chosen = document.getElementById("chosen-file");
-    const show = () => { chosen.textContent = input.files.length ? input.files[0].name : ""; };
+    const preview = document.getElementById("chosen-preview");
+    const show = () => {
+      chosen.textContent = input.files.length ? input.files[0].name : "";
+      if (!preview) return;
+      if (preview.src) URL.revokeObjectURL(preview.src);
+      const file = input.files[0];
+      preview.hidden = !file;
+      if (file) preview.src = URL.createObjectURL(file); else preview.removeAttribute("src");
+    };
     input.addEventListener("change", show);
     ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
       event.preventDefault(); zone.classList.add("over");
@@ -27,9 +35,17 @@
       show();
       form.requestSubmit();
     });
-    form.addEventListener("submit", () => {
-      const button = document.getElementById("classify-button");
-      if (button) { button.disabled = true; button.textContent = "Classifying…"; }
+    // One form for a file or a URL: whichever the user gave decides where it goes, whatever button sent it.
+    const url = form.querySelector("input[name=url]");
+    const urlButton = document.getElementById("url-button");
+    const fileButton = document.getElementById("classify-button");
+    form.addEventListener("submit", (event) => {
+      const hasFile = input.files.length > 0;
+      const hasUrl = Boolean(url && url.value.trim());
+      const used = event.submitter || fileButton;
+      const target = !urlButton || hasFile === hasUrl ? used : (hasUrl ? urlButton : fileButton);
+      if (target !== used) { event.preventDefault(); form.requestSubmit(target); return; }
+      if (used) { used.disabled = true; used.textContent = used === urlButton ? "Fetching…" : "Classifying…"; }
     });
   }
 
@@ -170,7 +186,49 @@
     });
   }
 
+  // Figures open large in a dialog (Escape, a click or the button closes it); without script the link opens the PNG.
+  function setupZoom() {
+    const links = document.querySelectorAll("a[data-zoom]");
+    if (!links.length) return;
+    const dialog = document.createElement("dialog");
+    dialog.className = "lightbox";
+    dialog.id = "lightbox";
+    const image = document.createElement("img");
+    const close = document.createElement("button");
+    close.type = "button"; close.className = "lightbox-close"; close.textContent = "Close";
+    dialog.append(close, image);
+    document.body.append(dialog);
+    dialog.addEventListener("click", () => dialog.close());
+    links.forEach((link) => link.addEventListener("click", (event) => {
+      event.preventDefault();
+      const small = link.querySelector("img");
+      image.src = link.href;
+      image.alt = small ? small.alt : "";
+      dialog.showModal();
+    }));
+  }
+
+  // Copy a shown secret (the new API token) to the clipboard.
+  function setupCopy() {
+    document.querySelectorAll("[data-copy-target]").forEach((button) => button.addEventListener("click", () => {
+      const source = document.getElementById(button.dataset.copyTarget);
+      const text = source ? source.textContent.trim() : "";
+      const done = () => { button.textContent = "Copied"; setTimeout(() => { button.textContent = "Copy"; }, 2000); };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(done, () => { button.textContent = "Select and copy by hand"; });
+        return;
+      }
+      const range = document.createRange(); // no clipboard API (plain http): select the key for Ctrl+C
+      range.selectNodeContents(source);
+      const selection = window.getSelection();
+      selection.removeAllRanges(); selection.addRange(range);
+      button.textContent = "Selected: press Ctrl+C";
+    }));
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    setupZoom();
+    setupCopy();
     setupModelFields();
     setupTally();
     setupDropzone();
