@@ -1,16 +1,19 @@
 """Turning what a user sent (files, .zip archives) into named byte strings, with limits.
 
-Zip archives are read in memory, never extracted to disk: nested folders are flattened into
-"folder/name.jpg", hidden and macOS resource files are skipped, and zip bombs are refused by the
-declared sizes, the compression ratio and the bytes actually read.
+Zip archives are read entry by entry from the uploaded file (a big upload is a temporary file on disk: it is
+never read into memory whole) and never extracted to disk: nested folders are flattened into
+"folder/name.jpg", hidden and macOS resource files are skipped, entries whose path climbs out of the archive
+("..", absolute paths) become failed entries with their reason, and zip bombs are refused by the declared
+sizes, the compression ratio and the bytes actually read.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 from wbc_ml.datasets import IMAGE_SUFFIXES
 from wbc_ml.preprocessing import ZIP_SIGNATURE
@@ -50,7 +53,8 @@ def expand_uploads(files: list, limits: Limits) -> list[NamedBytes]:
         head = uploaded.read(4)
         uploaded.seek(0)
         if head.startswith(ZIP_SIGNATURE) or name.lower().endswith(".zip"):
-            entries.extend(_expand_zip(name, uploaded.read(), limits))
+            with _archive_file(uploaded) as archive_file:
+                entries.extend(_expand_zip(name, archive_file, limits))
         elif size > limits.max_file_bytes:
             entries.append(NamedBytes(name, None, f"{name}: the file is larger than {_mb(limits.max_file_bytes)}."))
         else:
@@ -63,9 +67,27 @@ def expand_uploads(files: list, limits: Limits) -> list[NamedBytes]:
     return entries
 
 
-def _expand_zip(archive_name: str, data: bytes, limits: Limits) -> list[NamedBytes]:
+@contextlib.contextmanager
+def _archive_file(uploaded):
+    """The upload as a seekable binary file: its temporary file on disk when Django made one (big uploads), else
+    the upload itself (small ones are in memory already)."""
+    if hasattr(uploaded, "temporary_file_path"):
+        with open(uploaded.temporary_file_path(), "rb") as handle:
+            yield handle
+    else:
+        uploaded.seek(0)
+        yield uploaded
+
+
+def _outside_archive(filename: str) -> bool:
+    """An entry named with a parent folder ("..") or an absolute path (/x, C:\\x, \\\\server\\x)."""
+    path = filename.replace("\\", "/")
+    return path.startswith("/") or (len(path) > 1 and path[1] == ":") or ".." in PurePosixPath(path).parts
+
+
+def _expand_zip(archive_name: str, source: BinaryIO, limits: Limits) -> list[NamedBytes]:
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(source)
         members = [m for m in archive.infolist() if not m.is_dir()]
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         return [NamedBytes(archive_name, None, f"{archive_name}: not a readable zip archive ({exc}).")]
@@ -79,6 +101,17 @@ def _expand_zip(archive_name: str, data: bytes, limits: Limits) -> list[NamedByt
     expanded = 0
     for member in members:
         path = PurePosixPath(member.filename)
+        if _outside_archive(member.filename):
+            name = f"{archive_name}/{member.filename}"
+            results.append(
+                NamedBytes(
+                    name,
+                    None,
+                    f"{name}: the path points outside the archive (“..” or an absolute "
+                    "path); such entries are not read.",
+                )
+            )
+            continue
         if any(part.startswith(".") or part == "__MACOSX" for part in path.parts):
             continue
         name = f"{archive_name}/{member.filename}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 
@@ -18,8 +19,10 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.scoping import get_scoped_or_404, scoped
+from classifier.forms import ThresholdForm
 from classifier.models import ClassifierModel
 from classifier.services import remember_model, usable_models
+from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
 from .differential import build_differential, excel_safe, report_rows, summary_rows, to_csv
 from .forms import BatchForm, EvaluationUploadForm
@@ -31,13 +34,29 @@ from .uploads import UploadRefused, expand_uploads
 from .wakeup import PROGRESS, WakeupSocket
 from .worker import recover_stale_batches
 
+THRESHOLD_REFUSED = (
+    f"The threshold must be a number between {THRESHOLD_MIN:.2f} and {THRESHOLD_MAX:.2f} (e.g. ?threshold=0.85)."
+)
 
-def _threshold(request: HttpRequest) -> float:
-    try:
-        value = float(request.GET.get("threshold", request.user.review_threshold))
-    except ValueError:
-        value = request.user.review_threshold
-    return min(max(value, 0.50), 0.99)
+
+def with_threshold(view):
+    """Pass the review threshold from ``?threshold=`` (else the user's own) to the view as ``threshold``.
+
+    The same rule as the slider's form and the API: a finite number within the bounds; anything else (``nan``,
+    ``inf``, text, out of range) is refused with a 400 instead of quietly changing which cells are flagged.
+    """
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        raw = request.GET.get("threshold")
+        if raw is None:
+            return view(request, *args, threshold=request.user.review_threshold, **kwargs)
+        form = ThresholdForm({"threshold": raw})
+        if not form.is_valid():
+            return HttpResponse(THRESHOLD_REFUSED, status=400, content_type="text/plain; charset=utf-8")
+        return view(request, *args, threshold=form.cleaned_data["threshold"], **kwargs)
+
+    return wrapped
 
 
 def batch_list(request: HttpRequest) -> HttpResponse:
@@ -54,9 +73,9 @@ def batch_list(request: HttpRequest) -> HttpResponse:
     return render(request, "reports/batch_list.html", {"page": page})
 
 
-def batch_report(request: HttpRequest, uid) -> HttpResponse:
+@with_threshold
+def batch_report(request: HttpRequest, uid, threshold: float) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model", "user"), request.user, uid=uid)
-    threshold = _threshold(request)
     report = build_differential(batch, threshold)
     return render(request, "reports/batch_report.html", {"batch": batch, "report": report, "threshold": threshold})
 
@@ -119,15 +138,17 @@ def _csv_response(content: str, filename: str) -> HttpResponse:
     return response
 
 
-def batch_csv(request: HttpRequest, uid) -> HttpResponse:
+@with_threshold
+def batch_csv(request: HttpRequest, uid, threshold: float) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model"), request.user, uid=uid)
-    report = build_differential(batch, _threshold(request))
+    report = build_differential(batch, threshold)
     return _csv_response(to_csv(report_rows(report)), f"{slugify(batch.name) or 'batch'}-report.csv")
 
 
-def batch_summary_csv(request: HttpRequest, uid) -> HttpResponse:
+@with_threshold
+def batch_summary_csv(request: HttpRequest, uid, threshold: float) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model"), request.user, uid=uid)
-    report = build_differential(batch, _threshold(request))
+    report = build_differential(batch, threshold)
     return _csv_response(to_csv(summary_rows(report)), f"{slugify(batch.name) or 'batch'}-summary.csv")
 
 
@@ -147,6 +168,15 @@ PROBLEM_SECTIONS = [
     ("unlabelled_images", "Classified images without a label", "Not scored: the file has no row for them."),
 ]
 FIGURES = {"confusion": "confusion_png", "roc": "roc_png"}
+
+
+def _refuse_if_every_file_failed(batch: Batch) -> None:
+    """The API's rule on the page too: a batch with no usable file is refused and nothing is stored."""
+    if batch.items.exclude(status=BatchItem.Status.FAILED).exists():
+        return
+    reasons = list(batch.items.order_by("position", "id").values_list("error", flat=True))
+    batch.delete()  # refused files have no stored image
+    raise UploadRefused("None of the files could be used; nothing was stored.", *reasons)
 
 
 @require_http_methods(["GET", "POST"])
@@ -177,9 +207,11 @@ def batch_new(request: HttpRequest) -> HttpResponse:
                     external_id=data["external_id"],
                     normalization=data["normalization_spec"],
                 )
+                _refuse_if_every_file_failed(batch)
                 remember_model(request.user, data["model"])
             except UploadRefused as exc:
-                form.add_error(None, str(exc))
+                for message in exc.args:
+                    form.add_error(None, message)
             else:
                 return redirect("reports:batch", uid=batch.uid)
         status = 400

@@ -134,8 +134,19 @@ def decode_image(
     return image
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # a 16-bit grayscale PNG opens as one of these
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Flatten transparency onto white (a slide background) and drop other modes to RGB."""
+    """Flatten transparency onto white (a slide background) and drop other modes to RGB.
+
+    16-bit grayscale is scaled to 8 bits (0-65535 onto 0-255, i.e. divided by 257 and rounded): Pillow's own
+    conversion clips every value above 255 and turns the image white.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        gray = np.rint(levels / 257).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
