@@ -184,7 +184,7 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
             upload = read_single_image(data["file"])
         else:
             try:
-                name, body = fetch_url(data["url"])
+                name, body = fetch_url(data["url"], user_id=request.user.pk)
             except UrlRefused as exc:
                 raise UrlRefusedError(str(exc), details={"url": data["url"][:2000]}) from exc
             upload = UploadedImage(name, body)

@@ -33,15 +33,25 @@ import ipaddress
 import posixpath
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-__all__ = ["UrlRefused", "fetch_image_bytes"]
+__all__ = [
+    "TooManyFetches",
+    "UrlRefused",
+    "check_url_form",
+    "fetch_image_bytes",
+    "fetch_url",
+    "url_file_name",
+    "url_without_credentials",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str], Iterable[str]]
@@ -54,6 +64,7 @@ USER_AGENT = "wbc-platform image fetcher"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_SHOWN_URL = 200
+_CREDENTIALS = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")  # scheme://user:password@
 
 
 class UrlRefused(ValueError):
@@ -114,7 +125,7 @@ def fetch_image_bytes(
                 if not 200 <= response.status_code < 300:
                     raise refuse(f"the server answered {response.status_code}.")
                 body = _read_body(response, max_bytes, deadline, total_timeout, refuse)
-        return _file_name(current), body
+        return url_file_name(current), body
     raise UrlRefused(url, f"refused: more than {max_redirects} redirect{'s' if max_redirects != 1 else ''}.")
 
 
@@ -130,9 +141,24 @@ class _Target:
         self.tls_hostname = tls_hostname
 
 
-def _check_url(
-    url: str, allowed: frozenset[str], resolver: Resolver | None, refuse: Callable[..., UrlRefused]
-) -> _Target:
+def check_url_form(url: str, *, allowed_private_hosts: frozenset[str] = frozenset()) -> None:
+    """Refuse (:class:`UrlRefused`) a URL that can never be fetched, by its form alone: no DNS, no network.
+
+    Scheme, credentials, host and port are checked, and a literal IP address must be public; host names are
+    resolved (and checked again) only when the URL is fetched.
+    """
+
+    def refuse(reason: str) -> UrlRefused:
+        return UrlRefused(url, reason)
+
+    _scheme, host, _port, _path, _query = _parse(url, refuse)
+    literal = _literal_ip(host)
+    if literal is not None:
+        _check_addresses(host, [literal], frozenset(_normalise_host(n) for n in allowed_private_hosts), refuse)
+
+
+def _parse(url: str, refuse: Callable[..., UrlRefused]) -> tuple[str, str, int, str, str]:
+    """(scheme, normalised host, port, path, query) of an acceptable URL, checked by its form."""
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
         raise refuse("refused: the URL contains spaces or control characters.")
     try:
@@ -156,24 +182,37 @@ def _check_url(
     port = port if port is not None else DEFAULT_PORTS[scheme]
     if port == 0:
         raise refuse("refused: the port is not valid.")
+    return scheme, host, port, parts.path, parts.query
 
+
+def _check_url(
+    url: str, allowed: frozenset[str], resolver: Resolver | None, refuse: Callable[..., UrlRefused]
+) -> _Target:
+    scheme, host, port, path, query = _parse(url, refuse)
     addresses = _resolve(host, resolver, refuse)
-    if host not in allowed:
-        for address in addresses:
-            kind = _not_public(address)
-            if kind is not None:
-                if _literal_ip(host) == address:
-                    raise refuse(f"refused: the address {address} is {kind}, not a public internet address.")
-                raise refuse(
-                    f"refused: the host {host} resolves to {address}, which is {kind}, not a public internet address."
-                )
-
+    _check_addresses(host, addresses, allowed, refuse)
     pinned = addresses[0]
     pinned_host = f"[{pinned}]" if pinned.version == 6 else str(pinned)
-    pinned_url = urlunsplit((scheme, f"{pinned_host}:{port}", parts.path or "/", parts.query, ""))
+    pinned_url = urlunsplit((scheme, f"{pinned_host}:{port}", path or "/", query, ""))
     shown_host = f"[{host}]" if ":" in host else host
     host_header = shown_host if port == DEFAULT_PORTS[scheme] else f"{shown_host}:{port}"
     return _Target(pinned_url, host_header, host)
+
+
+def _check_addresses(
+    host: str, addresses: list[IPAddress], allowed: frozenset[str], refuse: Callable[..., UrlRefused]
+) -> None:
+    """Every address must be public, unless the host name is one of the ``allowed`` private hosts."""
+    if host in allowed:
+        return
+    for address in addresses:
+        kind = _not_public(address)
+        if kind is not None:
+            if _literal_ip(host) == address:
+                raise refuse(f"refused: the address {address} is {kind}, not a public internet address.")
+            raise refuse(
+                f"refused: the host {host} resolves to {address}, which is {kind}, not a public internet address."
+            )
 
 
 def _normalise_host(host: str) -> str:
@@ -349,10 +388,20 @@ def _header_text(value: str) -> str:
         return value
 
 
-def _file_name(url: str) -> str:
-    name = posixpath.basename(unquote(urlsplit(url).path))
+def url_file_name(url: str) -> str:
+    """The last segment of the URL's path, made filesystem-safe ('cell.jpg'), or 'image' when there is none."""
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        path = ""
+    name = posixpath.basename(unquote(path))
     name = _UNSAFE_FILENAME_CHARS.sub("_", name).lstrip("._")[-100:]
     return name or "image"
+
+
+def url_without_credentials(url: str) -> str:
+    """The URL without any ``user:password@`` (what may be stored, shown and echoed back)."""
+    return _CREDENTIALS.sub(r"\1", url, count=1)  # a regex, not urlsplit: URLs urlsplit refuses are cleaned too
 
 
 def _human_size(n: int) -> str:
@@ -364,26 +413,56 @@ def _human_size(n: int) -> str:
 
 
 def _shown(url: str) -> str:
-    """The URL as it may appear in a message: no password, no control characters, not absurdly long."""
-    text = "".join(ch if ch.isprintable() else "?" for ch in url.strip())
-    try:
-        parts = urlsplit(text)
-        if parts.password is not None:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            text = urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass
+    """The URL as it may appear in a message: no user or password, no control characters, not absurdly long."""
+    text = url_without_credentials("".join(ch if ch.isprintable() else "?" for ch in url.strip()))
     if len(text) > _MAX_SHOWN_URL:
         text = text[: _MAX_SHOWN_URL - 1] + "…"
     return text or "(empty URL)"
 
 
-def fetch_url(url: str) -> tuple[str, bytes]:
-    """The safe fetcher with this installation's limits (Django settings)."""
+class TooManyFetches(UrlRefused):
+    """The user already has as many downloads running as allowed (``WBC_URL_FETCHES_PER_USER``)."""
+
+
+_slots: dict[object, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+@contextmanager
+def _fetch_slot(url: str, owner: object, limit: int):
+    """Hold one of ``owner``'s ``limit`` download slots (in this process) or refuse at once."""
+    with _slots_lock:
+        slot = _slots.setdefault(owner, threading.BoundedSemaphore(limit))
+    if not slot.acquire(blocking=False):
+        raise TooManyFetches(
+            url,
+            f"refused: you already have {limit} image download{'s' if limit != 1 else ''} running; "
+            "try again when one has finished.",
+        )
+    try:
+        yield
+    finally:
+        slot.release()
+
+
+def fetch_url(url: str, *, user_id: object = None, total_timeout: float | None = None) -> tuple[str, bytes]:
+    """The safe fetcher with this installation's limits (Django settings).
+
+    The whole download must finish within ``WBC_URL_FETCH_SECONDS`` (or ``total_timeout``). With a ``user_id``
+    (a request on behalf of a user) at most ``WBC_URL_FETCHES_PER_USER`` downloads of that user run at once in
+    this process; one more is refused with :class:`TooManyFetches` without waiting.
+    """
     from django.conf import settings
 
-    return fetch_image_bytes(
-        url,
-        max_bytes=settings.WBC_MAX_IMAGE_BYTES,
-        allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS),
-    )
+    def fetch() -> tuple[str, bytes]:
+        return fetch_image_bytes(
+            url,
+            max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+            total_timeout=settings.WBC_URL_FETCH_SECONDS if total_timeout is None else total_timeout,
+            allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS),
+        )
+
+    if user_id is None:
+        return fetch()
+    with _fetch_slot(url, user_id, settings.WBC_URL_FETCHES_PER_USER):
+        return fetch()

@@ -16,7 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from accounts.scoping import scoped
-from wbc_ml.preprocessing import Normalization
+from wbc_ml.preprocessing import MEAN_RANGE, STD_RANGE, Normalization
 from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
 from .models import ClassifierModel, Prediction
@@ -38,9 +38,23 @@ def threshold_field(**kwargs) -> serializers.FloatField:
 
 
 class NormalizationSerializer(serializers.Serializer):
+    """The schema of an override; the rule itself is ``Normalization.validate`` (NormalizationField applies it)."""
+
     method = serializers.ChoiceField(choices=["scale01", "zscore"])
-    mean = serializers.ListField(child=serializers.FloatField(), min_length=3, max_length=3, required=False)
-    std = serializers.ListField(child=serializers.FloatField(), min_length=3, max_length=3, required=False)
+    mean = serializers.ListField(
+        child=serializers.FloatField(min_value=MEAN_RANGE[0], max_value=MEAN_RANGE[1]),
+        min_length=3,
+        max_length=3,
+        required=False,
+        help_text="per channel, for 0–255 pixels",
+    )
+    std = serializers.ListField(
+        child=serializers.FloatField(min_value=STD_RANGE[0], max_value=STD_RANGE[1]),
+        min_length=3,
+        max_length=3,
+        required=False,
+        help_text="per channel, for 0–255 pixels",
+    )
 
 
 @extend_schema_field(NormalizationSerializer)

@@ -71,7 +71,7 @@ def classify_url(request: HttpRequest) -> HttpResponse:
     url_form = UrlForm(request.POST, models_queryset=models_queryset)
     if url_form.is_valid():
         try:
-            name, data = fetch_url(url_form.cleaned_data["url"])
+            name, data = fetch_url(url_form.cleaned_data["url"], user_id=request.user.pk)
             prediction = classify_image(
                 request.user,
                 UploadedImage(name, data),

@@ -29,6 +29,7 @@ from wbcsite.api_base import MB, UUID_PATTERN, CSVRenderer, LabApiMixin, error_r
 from wbcsite.api_errors import ApiError, Conflict, PayloadTooLarge
 
 from .differential import build_differential, report_rows, summary_rows, to_csv
+from .heartbeat import worker_state
 from .labels import MAX_LABEL_BYTES, LabelFileError
 from .models import Batch, BatchItem, EvaluationRun
 from .serializers import (
@@ -43,7 +44,6 @@ from .serializers import (
 from .services import Refused, create_evaluation
 from .submission import batch_limits, submit_batch, url_entries
 from .uploads import NamedBytes, UploadRefused, expand_uploads
-from .worker import recover_stale_batches
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, as the header allows
@@ -80,7 +80,7 @@ def _same_submission(batch: Batch, data: dict, files: list) -> bool:
         expected = [(e.name[-255:], e.data) for e in _expand_files(files)]
     except PayloadTooLarge:
         return False
-    expected += [(url[-255:], None) for url in data.get("urls") or []]
+    expected += [(entry.name[-255:], None) for entry in url_entries(list(data.get("urls") or []), name_by_url=True)]
     items = list(batch.items.order_by("position", "id"))
     if [name for name, _ in expected] != [item.original_filename for item in items]:
         return False
@@ -145,11 +145,11 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         if filters.get("created_before"):
             queryset = queryset.filter(created_at__lt=filters["created_before"])
         page = self.paginate_queryset(queryset)
-        context = {**self.get_serializer_context(), "counts": self._counts(page)}
+        context = {**self.get_serializer_context(), "counts": self._counts(page), "worker": worker_state()}
         return self.get_paginated_response(BatchSummarySerializer(page, many=True, context=context).data)
 
     def _detail(self, batch: Batch, threshold: float | None = None) -> dict:
-        context = {**self.get_serializer_context(), "counts": self._counts([batch])}
+        context = {**self.get_serializer_context(), "counts": self._counts([batch]), "worker": worker_state()}
         if batch.is_finished:
             context["report"] = build_differential(batch, batch.threshold if threshold is None else threshold)
         return BatchDetailSerializer(batch, context=context).data
@@ -163,10 +163,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     def retrieve(self, request, uid=None):
         batch = self.get_batch()
         threshold = validated_query(ThresholdQuerySerializer, request).get("threshold")
-        if not batch.is_finished:
-            recover_stale_batches()  # a worker that died mid-batch is noticed while someone is polling
-            batch.refresh_from_db()
-        return Response(self._detail(batch, threshold))
+        return Response(self._detail(batch, threshold))  # nothing re-queued here: the worker recovers batches
 
     def _idempotency_key(self, request) -> str:
         key = request.headers.get(IDEMPOTENCY_HEADER)

@@ -134,18 +134,20 @@ class BatchSummarySerializer(serializers.Serializer):
     @extend_schema_field(ProgressSerializer)
     def get_progress(self, batch: Batch) -> dict:
         counts = self.context.get("counts", {}).get(batch.pk) or {}
-        return progress_of(batch, counts)
+        worker = self.context.get("worker")
+        return progress_of(batch, counts, worker_running=worker is None or worker.alive)
 
 
-def progress_of(batch: Batch, counts: dict) -> dict:
-    """Progress from per-status item counts (the same estimate as the web page's progress bar)."""
+def progress_of(batch: Batch, counts: dict, *, worker_running: bool = True) -> dict:
+    """Progress from per-status item counts (the same estimate as the web page's progress bar; none while no
+    worker runs)."""
     from django.utils import timezone
 
     done, failed = counts.get(BatchItem.Status.DONE, 0), counts.get(BatchItem.Status.FAILED, 0)
     total = sum(counts.values())
     pending = total - done - failed
     eta = None
-    if batch.started_at and done and not batch.is_finished:
+    if batch.started_at and done and not batch.is_finished and worker_running:
         elapsed = (timezone.now() - batch.started_at).total_seconds()
         eta = round(elapsed / done * pending, 1)
     percent = round((done + failed) / total * 100, 1) if total else 100.0
@@ -156,9 +158,19 @@ class BatchDetailSerializer(BatchSummarySerializer):
     """A batch with its progress and, once finished, its differential and per-image results."""
 
     normalization = NormalizationField(read_only=True, allow_null=True, help_text="null: the model's own")
+    worker_warning = serializers.SerializerMethodField(
+        help_text="null, unless the batch waits for a worker that is not running: then since when, in words"
+    )
     links = serializers.SerializerMethodField()
     differential = serializers.SerializerMethodField(help_text="null until the batch is finished")
     results = serializers.SerializerMethodField(help_text="every image in order (null until the batch is finished)")
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_worker_warning(self, batch: Batch) -> str | None:
+        worker = self.context.get("worker")
+        if batch.is_finished or worker is None or worker.alive:
+            return None
+        return worker.message
 
     @extend_schema_field(BatchLinksSerializer)
     def get_links(self, batch: Batch) -> dict:

@@ -1,16 +1,22 @@
-"""Submitting a slide (batch): files, zip archives and URLs checked, stored and queued, with nothing half-stored."""
+"""Submitting a slide (batch): files, zip archives and URLs checked, stored and queued, with nothing half-stored.
+
+URLs are not downloaded here: a submit answers at once, whatever the remote servers do. Each URL is checked by
+its form (scheme, no credentials, no literal private address) and stored as a pending item for the worker to
+fetch (:mod:`reports.url_items`); a URL refused by its form is a failed item with the reason.
+"""
 
 from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
 from django.utils import timezone
 
-from classifier.fetch import UrlRefused, fetch_url
+from classifier.fetch import UrlRefused, check_url_form, url_file_name, url_without_credentials
 from classifier.models import ClassifierModel
 from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
 
@@ -30,28 +36,39 @@ def batch_limits() -> Limits:
     )
 
 
-def url_entries(urls: list[str], *, name_by_url: bool = False) -> list[NamedBytes]:
+@dataclass(frozen=True)
+class UrlEntry:
+    """A URL of a batch: the item's name, the URL for the worker (never with credentials), or why it was refused."""
+
+    name: str
+    url: str
+    error: str = ""
+
+
+def url_entries(urls: list[str], *, name_by_url: bool = False) -> list[UrlEntry]:
     """Each URL becomes an entry; a refused URL is a failed entry with its reason, not a failed batch.
 
-    Entries are named by the fetched file's name (the batch page), or by the URL itself (the API, so the LIS finds
-    its own URLs in the results).
+    Entries are named by the file name in the URL (the batch page), or by the URL itself without any
+    ``user:password@`` (the API, so the LIS finds its own URLs in the results). Nothing is downloaded here.
     """
     if len(urls) > settings.WBC_BATCH_MAX_URLS:
         raise UploadRefused(f"Too many URLs: at most {settings.WBC_BATCH_MAX_URLS} per batch.")
     entries = []
     for url in urls:
+        clean = url_without_credentials(url)
+        name = clean if name_by_url else url_file_name(clean)
         try:
-            name, data = fetch_url(url)
+            check_url_form(url, allowed_private_hosts=frozenset(settings.WBC_URL_ALLOWED_PRIVATE_HOSTS))
         except UrlRefused as exc:
-            entries.append(NamedBytes(url[:255] if not name_by_url else url, None, str(exc)))
+            entries.append(UrlEntry(clean, "", str(exc)))
         else:
-            entries.append(NamedBytes(url if name_by_url else name, data))
+            entries.append(UrlEntry(name, clean))
     return entries
 
 
-def _validate(entry: NamedBytes) -> NamedBytes:
+def _validate(entry: NamedBytes | UrlEntry) -> NamedBytes | UrlEntry:
     """Check an upload like a single image (the whole stream decoded), keeping its bytes when it is good."""
-    if entry.data is None:
+    if isinstance(entry, UrlEntry) or entry.data is None:
         return entry
     try:
         decode_image(
@@ -68,7 +85,7 @@ def _validate(entry: NamedBytes) -> NamedBytes:
 
 def submit_batch(
     user,
-    entries: list[NamedBytes],
+    entries: list[NamedBytes | UrlEntry],
     model_record: ClassifierModel,
     *,
     name: str,
@@ -77,15 +94,18 @@ def submit_batch(
     idempotency_key: str = "",
     normalization: dict | None = None,
 ) -> Batch:
-    """Store a batch and its images (bad files as failed items with their reason) and enqueue it."""
+    """Store a batch and its images (bad files as failed items with their reason) and enqueue it.
+
+    A URL entry becomes a pending item without an image, for the worker to download.
+    """
     uid = uuid.uuid4()
     field = BatchItem._meta.get_field("image")
     stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
 
-    def check_and_store(position: int, entry: NamedBytes) -> tuple[NamedBytes, str]:
+    def check_and_store(position: int, entry: NamedBytes | UrlEntry) -> tuple[NamedBytes | UrlEntry, str]:
         """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
         entry = _validate(entry)
-        if entry.data is None:
+        if isinstance(entry, UrlEntry) or entry.data is None:
             return entry, ""
         suffix = ".png" if sniff_image_type(entry.data) == "PNG" else ".jpg"
         name = field.storage.save(field.generate_filename(None, f"{uid}-{position}{suffix}"), ContentFile(entry.data))
@@ -110,11 +130,13 @@ def submit_batch(
             items = []
             for position, (entry, file_name) in enumerate(checked):
                 item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:], image=file_name)
-                if entry.data is None:
+                if isinstance(entry, UrlEntry):
+                    item.source_url = entry.url[:2000]
+                if entry.error or not (file_name or item.source_url):
                     item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
                 items.append(item)
             BatchItem.objects.bulk_create(items)
-            if not stored:
+            if not any(item.status == BatchItem.Status.PENDING for item in items):
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:

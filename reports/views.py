@@ -26,13 +26,13 @@ from wbc_ml.review_flag import THRESHOLD_MAX, THRESHOLD_MIN
 
 from .differential import build_differential, excel_safe, report_rows, summary_rows, to_csv
 from .forms import BatchForm, EvaluationUploadForm
+from .heartbeat import worker_warning
 from .labels import MAX_LABEL_BYTES, LabelFileError
 from .models import Batch, BatchItem, EvaluationRun
 from .services import Refused, create_evaluation, rerun_batch
 from .submission import batch_limits, submit_batch, url_entries
 from .uploads import UploadRefused, expand_uploads
 from .wakeup import PROGRESS, WakeupSocket
-from .worker import recover_stale_batches
 
 THRESHOLD_REFUSED = (
     f"The threshold must be a number between {THRESHOLD_MIN:.2f} and {THRESHOLD_MAX:.2f} (e.g. ?threshold=0.85)."
@@ -77,7 +77,8 @@ def batch_list(request: HttpRequest) -> HttpResponse:
 def batch_report(request: HttpRequest, uid, threshold: float) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model", "user"), request.user, uid=uid)
     report = build_differential(batch, threshold)
-    return render(request, "reports/batch_report.html", {"batch": batch, "report": report, "threshold": threshold})
+    context = {"batch": batch, "report": report, "threshold": threshold, "worker_warning": worker_warning(batch)}
+    return render(request, "reports/batch_report.html", context)
 
 
 MAX_STATUS_WAIT_SECONDS = 10.0
@@ -98,11 +99,10 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
     Long polling: with ``?wait=S`` (at most 10 s) the answer waits until the batch has moved past
     ``?after=N`` processed images, or has finished, or S seconds have passed. The worker wakes the waiting
     request when it stores a chunk, so a watcher learns of progress at once without anyone polling the
-    database many times a second.
+    database many times a second. Nothing here re-queues work (the worker recovers batches itself); when no
+    worker is running, ``worker_warning`` says since when, and there is no time-left estimate.
     """
     batch = get_scoped_or_404(Batch, request.user, uid=uid)
-    if not batch.is_finished:
-        recover_stale_batches()  # a worker that died mid-batch is noticed while someone is watching
     wait = _number_param(request, "wait", 0.0, 0.0, MAX_STATUS_WAIT_SECONDS)
     after = _number_param(request, "after", -1, -1, 10**9)
     deadline = time.monotonic() + wait
@@ -116,8 +116,9 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
                 break
             progress.wait(min(left, STATUS_RECHECK_SECONDS))
     total = sum(counts.values())
+    warning = worker_warning(batch)
     eta = None
-    if batch.started_at and done and not batch.is_finished:
+    if batch.started_at and done and not batch.is_finished and not warning:
         elapsed = (timezone.now() - batch.started_at).total_seconds()
         eta = round(elapsed / done * (total - done - failed), 1)
     return JsonResponse(
@@ -128,6 +129,7 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
             "total": total,
             "eta_seconds": eta,
             "error": batch.error,
+            "worker_warning": warning,
         }
     )
 

@@ -2,10 +2,17 @@
 
 A batch is processed by a task that first *claims* it with a conditional UPDATE (queued, or running
 with an expired lease) that must change exactly one row. The holder renews its lease after every
-chunk, so a worker that dies mid-batch leaves a lease that expires; ``recover_stale_batches`` (run
-when a worker starts, and by the status poll) hands such a batch to a new task, which processes only
-the items still pending. The one-to-one link from item to prediction makes a second result for the
-same image impossible.
+chunk, so a worker that dies mid-batch leaves a lease that expires; ``recover_stale_batches`` (run by
+the worker itself when it starts and every ``WBC_WORKER_RECOVERY_SECONDS``, never by a page or API
+request) hands such a batch to a new task, which processes only the items still pending. The
+one-to-one link from item to prediction makes a second result for the same image impossible.
+
+Every claim counts an attempt: a task that raises puts the batch back in the queue with the error, and
+after ``WBC_BATCH_MAX_ATTEMPTS`` attempts (a task that keeps failing, or a worker that keeps dying on
+the batch) the batch is failed with the last error instead of being retried forever.
+
+Order of work: the stored files first, then the batch's URLs are downloaded (:mod:`reports.url_items`,
+within the batch's time budget), then what was downloaded is classified.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from datetime import timedelta
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from classifier.models import Prediction
@@ -29,25 +36,68 @@ from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
 from .models import Batch, BatchItem
 from .submission import DECODE_WORKERS, enqueue
+from .tasks_queue import batches_waiting_for_a_task
 from .thumbnails import make_thumbnail, stored_thumbnails
+from .url_items import fetch_url_items
 from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
 CHUNK = 32
 
 
+def _claimable() -> Q:
+    stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS)
+    return Q(status=Batch.Status.QUEUED) | Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale)
+
+
 def _claim(batch_id: int) -> uuid.UUID | None:
-    """Atomically take the batch if it is queued, or running with an expired lease."""
+    """Atomically take the batch if it is queued, or running with an expired lease (one more attempt).
+
+    A claimable batch that has used up its attempts is failed here instead, with the last error.
+    """
     lease = uuid.uuid4()
     now = timezone.now()
-    stale = now - timedelta(seconds=settings.WBC_LEASE_SECONDS)
-    claimed = Batch.objects.filter(
-        Q(status=Batch.Status.QUEUED) | Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale), pk=batch_id
-    ).update(status=Batch.Status.RUNNING, lease=lease, heartbeat_at=now)
+    claimed = Batch.objects.filter(_claimable(), pk=batch_id, attempts__lt=settings.WBC_BATCH_MAX_ATTEMPTS).update(
+        status=Batch.Status.RUNNING, lease=lease, heartbeat_at=now, attempts=F("attempts") + 1
+    )
     if claimed != 1:
+        _give_up(batch_id)
         return None
     Batch.objects.filter(pk=batch_id, started_at__isnull=True).update(started_at=now)
     return lease
+
+
+def _give_up(batch_id: int) -> None:
+    batch = Batch.objects.filter(_claimable(), pk=batch_id, attempts__gte=settings.WBC_BATCH_MAX_ATTEMPTS).first()
+    if batch is None:
+        return
+    last = batch.error or "the worker stopped while classifying it each time (killed, or out of memory?)"
+    Batch.objects.filter(_claimable(), pk=batch_id).update(
+        status=Batch.Status.FAILED,
+        lease=None,
+        finished_at=timezone.now(),
+        error=f"Stopped after {batch.attempts} attempts. Last error: {last}"[:5000],
+    )
+    logger.error("batch %s failed after %s attempts: %s", batch_id, batch.attempts, last)
+
+
+def _after_error(batch_id: int, lease: uuid.UUID, exc: Exception) -> None:
+    """A task raised: queue the batch again with the error, or fail it when its attempts are used up."""
+    batch = Batch.objects.filter(pk=batch_id, lease=lease).first()
+    if batch is None:
+        return  # another worker holds it now
+    message = f"{exc}" or type(exc).__name__
+    if batch.attempts >= settings.WBC_BATCH_MAX_ATTEMPTS:
+        Batch.objects.filter(pk=batch_id, lease=lease).update(
+            status=Batch.Status.FAILED,
+            lease=None,
+            finished_at=timezone.now(),
+            error=f"Stopped after {batch.attempts} attempts. Last error: {message}"[:5000],
+        )
+        return
+    error = f"Attempt {batch.attempts} of {settings.WBC_BATCH_MAX_ATTEMPTS} failed: {message}"[:5000]
+    if Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.QUEUED, lease=None, error=error):
+        enqueue(batch)
 
 
 def _renew(batch_id: int, lease: uuid.UUID) -> bool:
@@ -69,9 +119,13 @@ def process_batch_now(batch_id: int) -> str:
     """Classify the batch's pending items in chunks; safe to run twice, and after a crash."""
     lease = _claim(batch_id)
     if lease is None:
-        return "not claimed (finished, or another worker holds it)"
+        return "not claimed (finished, failed, or another worker holds it)"
     try:
         return _process(batch_id, lease)
+    except Exception as exc:
+        logger.exception("batch %s: the task failed", batch_id)
+        _after_error(batch_id, lease, exc)
+        raise  # the task itself is recorded as failed, with its traceback
     finally:
         notify(PROGRESS)  # whatever happened, anyone watching the batch looks again
 
@@ -86,7 +140,27 @@ def _process(batch_id: int, lease: uuid.UUID) -> str:
             status=Batch.Status.FAILED, error=str(exc), finished_at=timezone.now()
         )
         return f"failed: {exc}"
-    pending = list(batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True).order_by("position"))
+    lost = "lease lost to another worker; stopped"
+    if not _classify_pending(batch, lease, classifier):
+        return lost
+    if not fetch_url_items(batch, lease, lambda: _renew(batch_id, lease)):
+        return lost
+    if not _classify_pending(batch, lease, classifier):  # what was downloaded
+        return lost
+    Batch.objects.filter(pk=batch_id, lease=lease).update(
+        status=Batch.Status.DONE, finished_at=timezone.now(), error=""
+    )
+    return "done"
+
+
+def _classify_pending(batch: Batch, lease: uuid.UUID, classifier) -> bool:
+    """Classify the batch's pending stored images in chunks; False when the lease was lost."""
+    record = batch.model
+    pending = list(
+        batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True)
+        .exclude(image="")
+        .order_by("position")
+    )
     chunks = [pending[start : start + CHUNK] for start in range(0, len(pending), CHUNK)]
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
 
@@ -100,16 +174,30 @@ def _process(batch_id: int, lease: uuid.UUID) -> str:
             # The next chunk decodes on the pool while this one is classified and stored.
             upcoming = decode(chunks[index + 1]) if index + 1 < len(chunks) else []
             good = [(item, out) for item, out in zip(items, loaded, strict=True) if not isinstance(out, str)]
-            results = classifier.predict(np.stack([pixels for _, (pixels, *_) in good])) if good else []
+            results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
+            loaded, good, results = _fail_non_finite(items, loaded, good, results)
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
             if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
                 for future in upcoming:
                     future.cancel()
-                return "lease lost to another worker; stopped"
+                return False
             if index + 1 < len(chunks):
                 notify(PROGRESS)
-    Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.DONE, finished_at=timezone.now())
-    return "done"
+    return True
+
+
+def _fail_non_finite(items, loaded, good, results):
+    """An image whose model output is not finite becomes a failed item with the reason (never stored as NaN)."""
+    reasons = {
+        item.pk: f"{item.original_filename}: {r}"
+        for (item, _), r in zip(good, results, strict=True)
+        if isinstance(r, str)
+    }
+    if not reasons:
+        return loaded, good, results
+    loaded = [reasons.get(item.pk, out) for item, out in zip(items, loaded, strict=True)]
+    kept = [(pair, r) for pair, r in zip(good, results, strict=True) if not isinstance(r, str)]
+    return loaded, [pair for pair, _ in kept], [r for _, r in kept]
 
 
 def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bool:
@@ -158,14 +246,20 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
 
 
 def recover_stale_batches() -> list[int]:
-    """Re-enqueue batches whose worker died (expired lease) or whose task never ran."""
+    """Re-enqueue batches whose worker died (expired lease) or whose task never ran; called by the worker only.
+
+    A batch that already has a task waiting in the queue is left alone, so calling this often adds nothing twice.
+    """
     stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS)
-    batch_ids = list(
-        Batch.objects.filter(
-            Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale) | Q(status=Batch.Status.QUEUED, created_at__lt=stale)
-        ).values_list("pk", flat=True)
+    candidates = Batch.objects.filter(
+        Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale) | Q(status=Batch.Status.QUEUED, created_at__lt=stale)
     )
-    for batch in Batch.objects.filter(pk__in=batch_ids):
+    waiting = batches_waiting_for_a_task()
+    recovered = []
+    for batch in candidates:
+        if batch.pk in waiting:
+            continue
         logger.warning("re-enqueuing batch %s (%s) left unfinished", batch.pk, batch.name)
         enqueue(batch)
-    return batch_ids
+        recovered.append(batch.pk)
+    return recovered

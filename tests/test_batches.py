@@ -6,8 +6,10 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.db import IntegrityError
+from django.tasks import TaskResultStatus
 from django.urls import reverse
 from django.utils import timezone
+from django_tasks_db.models import DBTaskResult
 
 from classifier.models import Prediction
 from reports import worker as batches
@@ -101,7 +103,10 @@ def test_worker_that_died_mid_batch_is_resumed_without_duplicates(technologist, 
     # ...once it has expired the batch is handed to a new task, which processes only the rest.
     stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS + 1)
     Batch.objects.filter(pk=batch.pk).update(heartbeat_at=stale)
+    assert recover_stale_batches() == []  # its first task still waits in the queue: nothing is queued twice
+    DBTaskResult.objects.update(status=TaskResultStatus.RUNNING)  # as if the dead worker had taken that task
     assert recover_stale_batches() == [batch.pk]
+    assert recover_stale_batches() == []  # the new task waits: recovering again adds nothing
     _run_worker()
     batch.refresh_from_db()
     assert batch.status == Batch.Status.DONE
@@ -195,7 +200,9 @@ def test_batch_page_uploads_files_and_zip_and_lists_bad_ones(tech_client, tiny_r
     page = tech_client.get(response["Location"])
     assert "notes.png" in page.text and "not a readable image" in page.text
     status = tech_client.get(reverse("reports:batch_status", args=[batch.uid])).json()
-    assert status == {"status": "done", "done": 3, "failed": 1, "total": 4, "eta_seconds": None, "error": ""}
+    assert status == {
+        "status": "done", "done": 3, "failed": 1, "total": 4, "eta_seconds": None, "error": "", "worker_warning": ""
+    }  # fmt: skip
 
 
 def test_status_long_poll_answers_with_the_progress_it_has(tech_client, technologist, tiny_record):

@@ -355,10 +355,11 @@ def test_credentials_in_the_url_are_refused_and_not_echoed(dialled):
     with pytest.raises(UrlRefused) as caught:
         fetch_image_bytes("https://alice:s3cret@example.com/cell.png")
     assert str(caught.value) == (
-        "https://alice:***@example.com/cell.png: refused: URLs with a user name or password are not allowed."
+        "https://example.com/cell.png: refused: URLs with a user name or password are not allowed."
     )
-    with pytest.raises(UrlRefused, match="user name or password"):
+    with pytest.raises(UrlRefused, match="user name or password") as caught:
         fetch_image_bytes("http://alice@example.com/cell.png")
+    assert "alice" not in str(caught.value)
     assert dialled == []
 
 

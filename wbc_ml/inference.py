@@ -18,7 +18,7 @@ import numpy as np
 from .checksums import file_sha256
 from .metrics import apply_temperature
 from .ood import OodDetector
-from .preprocessing import Normalization
+from .preprocessing import ImageRejected, Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,16 @@ def serving_model(model, with_features: bool = True):
         return keras.Model(model.inputs, model.outputs)
     gap = model.get_layer("gap")
     return keras.Model(model.inputs, [detector_features(gap.output, gap.input), model.outputs[0]])
+
+
+NON_FINITE_MESSAGE = (
+    "The model's output for this image is not a finite number (NaN or infinity), so it cannot be classified; "
+    "check the normalisation (mean/std) or the model."
+)
+
+
+class NonFiniteOutput(ImageRejected):
+    """The model gave NaN or infinite numbers for an image; nothing may be stored for it."""
 
 
 def detector_features(pooled, feature_map):
@@ -218,13 +228,31 @@ class Classifier:
         return self.normalization.apply(pixels)
 
     def predict(self, pixels: np.ndarray, batch_size: int = 32) -> list[Result]:
-        """Classify uint8 images (NxHxWx3, already at the model's input size)."""
-        results: list[Result] = []
+        """Classify uint8 images (NxHxWx3, already at the model's input size).
+
+        Raises :class:`NonFiniteOutput` when the model's numbers for any image are not finite.
+        """
+        results = self.predict_each(pixels, batch_size)
+        for result in results:
+            if isinstance(result, str):
+                raise NonFiniteOutput(result)
+        return results
+
+    def predict_each(self, pixels: np.ndarray, batch_size: int = 32) -> list[Result | str]:
+        """Like :meth:`predict`, but an image whose output is not finite gets the reason (a str) instead."""
+        results: list[Result | str] = []
         for start in range(0, len(pixels), batch_size):
-            raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
-            probs = apply_temperature(raw, self.spec.temperature)
+            with np.errstate(over="ignore", invalid="ignore"):  # infinities are caught just below
+                raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
+                probs = apply_temperature(raw, self.spec.temperature)
             use_ood = self.ood is not None and features is not None
-            scores, outliers = self.ood.assess(features) if use_ood else (None, None)
+            finite = np.isfinite(probs).all(axis=1)
+            if use_ood:  # the detectors see only finite features, and their score must be finite too
+                finite &= np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+                scores, outliers = np.full(len(probs), np.nan), np.zeros(len(probs), bool)
+                if finite.any():
+                    scores[finite], outliers[finite] = self.ood.assess(features[finite])
+                finite &= np.isfinite(scores)
             for i, p in enumerate(probs):
                 index = int(np.argmax(p))
                 results.append(
@@ -257,3 +285,6 @@ def get_classifier(spec: ModelSpec) -> Classifier:
 def clear_cache() -> None:
     with _cache_lock:
         _loaded.clear()
+                if not finite[i]:
+                    results.append(NON_FINITE_MESSAGE)
+                    continue

@@ -8,6 +8,7 @@ between the two is how the prototype's MobileNetV2 fell to 31%).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ class ImageRejected(ValueError):
     """An upload that cannot be classified; the message is shown to the user as is."""
 
 
+MEAN_RANGE = (-255.0, 510.0)  # z-score limits for 0–255 pixels
+STD_RANGE = (1e-3, 1000.0)
+
+
 @dataclass(frozen=True)
 class Normalization:
     """How 0–255 RGB pixels become model input: ``scale01`` (x / 255) or per-channel ``zscore``."""
@@ -41,10 +46,26 @@ class Normalization:
             return cls("scale01")
         if method == "zscore":
             mean, std = spec.get("mean"), spec.get("std")
-            if not (_is_rgb_triplet(mean) and _is_rgb_triplet(std)) or min(std) <= 0:
-                raise ValueError("zscore normalisation needs 'mean' and positive 'std', three numbers each")
-            return cls("zscore", tuple(float(v) for v in mean), tuple(float(v) for v in std))
+            if not (_is_rgb_triplet(mean) and _is_rgb_triplet(std)):
+                raise ValueError("zscore normalisation needs 'mean' and 'std', three finite numbers each")
+            return cls("zscore", tuple(float(v) for v in mean), tuple(float(v) for v in std)).validate()
         raise ValueError(f"unknown normalisation method {method!r} (expected 'scale01' or 'zscore')")
+
+    def validate(self) -> Normalization:
+        """Itself, when its numbers keep 0–255 pixels finite and meaningful; else ValueError saying which is off.
+
+        The one rule for every override (page forms, API, model upload): finite values, each mean within
+        MEAN_RANGE and each std within STD_RANGE (a std near 0 turns pixels into infinities).
+        """
+        if self.method == "zscore":
+            for label, values, (low, high) in (("mean", self.mean, MEAN_RANGE), ("std", self.std, STD_RANGE)):
+                if not all(math.isfinite(v) and low <= v <= high for v in values):
+                    shown = ", ".join(f"{v:g}" for v in values)
+                    raise ValueError(
+                        f"zscore normalisation: each '{label}' value must be between {low:g} and {high:g} "
+                        f"(got {shown})."
+                    )
+        return self
 
     def to_dict(self) -> dict:
         if self.method == "scale01":

@@ -217,6 +217,17 @@ WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
 WBC_WORKER_WAKEUP_DIR = Path(env_str("WBC_WORKER_WAKEUP_DIR", str(BASE_DIR / "var" / "wakeup")))
 WBC_WORKER_IDLE_SECONDS = env_int("WBC_WORKER_IDLE_SECONDS", 2)  # a look at the queue without a wake-up
 # A few extra fields beside the files; the batch view reports "too many files" itself.
+# Image URLs: one download must finish within WBC_URL_FETCH_SECONDS; a user runs at most WBC_URL_FETCHES_PER_USER
+# single-image downloads at once (per web process). A batch's URLs are fetched by the worker within a total budget.
+WBC_URL_FETCH_SECONDS = env_int("WBC_URL_FETCH_SECONDS", 15)
+WBC_URL_FETCHES_PER_USER = env_int("WBC_URL_FETCHES_PER_USER", 2)
+WBC_BATCH_URL_BUDGET_SECONDS = env_int("WBC_BATCH_URL_BUDGET_SECONDS", 120)
+WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a batch whose task keeps failing is then failed
+# The worker writes a heartbeat every WBC_WORKER_HEARTBEAT_SECONDS; older than WBC_WORKER_STALE_SECONDS means "no
+# worker is running". It looks for batches left by a dead worker every WBC_WORKER_RECOVERY_SECONDS.
+WBC_WORKER_HEARTBEAT_SECONDS = env_int("WBC_WORKER_HEARTBEAT_SECONDS", 5)
+WBC_WORKER_STALE_SECONDS = env_int("WBC_WORKER_STALE_SECONDS", 30)
+WBC_WORKER_RECOVERY_SECONDS = env_int("WBC_WORKER_RECOVERY_SECONDS", 15)
 DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)
 

@@ -133,8 +133,10 @@
           let message = `${s.done} of ${s.total} images classified`;
           if (s.failed) message += `, ${s.failed} failed`;
           if (s.eta_seconds !== null && s.status === "running") message += ` · about ${Math.ceil(s.eta_seconds)} s left`;
-          if (s.status === "queued") message += " · waiting for the worker";
+          if (s.status === "queued" && !s.worker_warning) message += " · waiting for the worker";
           text.textContent = message;
+          const warning = document.getElementById("worker-warning");
+          if (warning) { warning.textContent = s.worker_warning || ""; warning.hidden = !s.worker_warning; }
           if (s.status === "done" || s.status === "failed") { window.location.reload(); return; }
           setTimeout(poll, 200);
         })

@@ -1,0 +1,102 @@
+"""The worker's download of a batch's image URLs: in parallel, within one time budget per batch.
+
+A URL submitted with a batch is stored as a pending item with ``source_url`` and no image, so the submit never
+waits for a remote server. The worker fetches those items here through the safe fetcher (the same SSRF rules as
+everywhere, ``WBC_URL_ALLOWED_PRIVATE_HOSTS`` included): every download gets at most ``WBC_URL_FETCH_SECONDS``
+and never more than what is left of the batch's ``WBC_BATCH_URL_BUDGET_SECONDS``. A URL that fails, or is still
+waiting when the budget is spent, becomes a failed item with its reason; a fetched image is stored and the item
+then waits for classification like an uploaded file. The lease is renewed while downloads run, and a worker
+that lost it stores nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+
+from classifier.fetch import UrlRefused, fetch_url
+from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
+
+from .models import Batch, BatchItem
+from .wakeup import PROGRESS, notify
+
+logger = logging.getLogger(__name__)
+URL_FETCHERS = 8  # downloads of one batch at the same time (they mostly wait on the network)
+
+
+def pending_url_items(batch: Batch) -> list[BatchItem]:
+    return list(
+        batch.items.filter(status=BatchItem.Status.PENDING, image="").exclude(source_url="").order_by("position")
+    )
+
+
+def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, bytes] | str:
+    """(file name, checked image bytes), or the reason the item fails. Runs on the pool: no database here."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return f"{item.original_filename}: not downloaded: the batch's {budget:g} seconds for downloading URLs ran out."
+    try:
+        name, data = fetch_url(item.source_url, total_timeout=min(settings.WBC_URL_FETCH_SECONDS, left))
+        decode_image(
+            data,
+            name=name,
+            max_bytes=settings.WBC_MAX_IMAGE_BYTES,
+            max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
+            reduced=True,  # classification decodes it at full size; here only the refusals matter
+        )
+    except (UrlRefused, ImageRejected) as exc:
+        return str(exc)
+    return name, data
+
+
+def _record(batch: Batch, lease: uuid.UUID, item: BatchItem, outcome: tuple[str, bytes] | str) -> bool:
+    """Store one outcome if this worker still holds the batch; False when the lease is lost."""
+    held = BatchItem.objects.filter(
+        pk=item.pk, status=BatchItem.Status.PENDING, image="", batch__lease=lease, batch_id=batch.pk
+    )
+    if isinstance(outcome, str):
+        held.update(status=BatchItem.Status.FAILED, error=outcome[:500])
+        return Batch.objects.filter(pk=batch.pk, lease=lease).exists()
+    _, data = outcome
+    field = BatchItem._meta.get_field("image")
+    suffix = ".png" if sniff_image_type(data) == "PNG" else ".jpg"
+    stored = field.storage.save(
+        field.generate_filename(None, f"{batch.uid}-{item.position}{suffix}"), ContentFile(data)
+    )
+    if held.update(image=stored) != 1:
+        field.storage.delete(stored)  # another worker took over (or the item is gone): nothing half-stored
+        return Batch.objects.filter(pk=batch.pk, lease=lease).exists()
+    return True
+
+
+def fetch_url_items(batch: Batch, lease: uuid.UUID, renew: Callable[[], bool]) -> bool:
+    """Download the batch's pending URL items; False when the lease was lost (stop at once)."""
+    items = pending_url_items(batch)
+    if not items:
+        return True
+    budget = float(settings.WBC_BATCH_URL_BUDGET_SECONDS)
+    deadline = time.monotonic() + budget
+    renew_every = max(0.5, settings.WBC_LEASE_SECONDS / 4)
+    pool = ThreadPoolExecutor(max_workers=min(URL_FETCHERS, len(items)), thread_name_prefix="url-fetch")
+    running: dict[Future, BatchItem] = {pool.submit(_download, item, deadline, budget): item for item in items}
+    try:
+        while running:
+            finished, _ = wait(running, timeout=renew_every, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if not _record(batch, lease, running.pop(future), future.result()):
+                    return False
+            if finished:
+                notify(PROGRESS)
+            if not renew():
+                return False
+        return True
+    finally:
+        for future in running:
+            future.cancel()
+        pool.shutdown(wait=False)  # a download still running ends by its own deadline; its result is dropped
