@@ -94,3 +94,28 @@ def test_media_goes_through_storages_and_s3_is_a_setting(tmp_path):
         timeout=60,
     )
     assert result.stdout.strip() == "storages.backends.s3.S3Storage", result.stderr
+
+
+def test_production_refuses_to_start_without_a_secret_key(tmp_path):
+    """A key made up per host would make every host's token digests (and sessions) differ."""
+    key_file = tmp_path / "secret_key"
+    env = {
+        "WBC_ENV": "production",
+        "ALLOWED_HOSTS": "wbc.example.org",
+        "SECRET_KEY_FILE": str(key_file),
+        "SECRET_KEY": "",
+    }
+    result = _manage("check", DATABASE_URL=f"sqlite:///{tmp_path / 'p.sqlite3'}", **env)
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when WBC_ENV=production" in result.stderr
+    assert not key_file.exists()
+
+
+def test_development_without_a_secret_key_makes_one_and_keeps_it(tmp_path):
+    key_file = tmp_path / "secret_key"
+    for _run in range(2):
+        result = _manage(
+            "check", SECRET_KEY="", SECRET_KEY_FILE=str(key_file), DATABASE_URL=f"sqlite:///{tmp_path / 'd.sqlite3'}"
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(key_file.read_text()) >= 50 and oct(key_file.stat().st_mode & 0o777) == "0o600"

@@ -52,11 +52,20 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def _secret_key() -> str:
-    """SECRET_KEY from the environment, else generated once into a file outside git."""
+def _secret_key(production: bool) -> str:
+    """SECRET_KEY from the environment; in development, else generated once into a file outside git.
+
+    Production refuses to start without it: a key made up on each host would give every host different token
+    digests, sessions and signed values.
+    """
     key = os.environ.get("SECRET_KEY")
     if key:
         return key
+    if production:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when WBC_ENV=production (the same long random value on every host), "
+            'e.g. python -c "import secrets; print(secrets.token_urlsafe(64))".'
+        )
     key_file = Path(env_str("SECRET_KEY_FILE", str(BASE_DIR / "var" / "secret_key")))
     if key_file.exists():
         return key_file.read_text().strip()
@@ -69,7 +78,7 @@ def _secret_key() -> str:
 
 PRODUCTION = env_str("WBC_ENV", "development") == "production"
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = _secret_key()
+SECRET_KEY = _secret_key(PRODUCTION)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
