@@ -42,7 +42,8 @@ def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, byt
     if left <= 0:
         return f"{item.original_filename}: not downloaded: the batch's {budget:g} seconds for downloading URLs ran out."
     try:
-        name, data = fetch_url(item.source_url, total_timeout=min(settings.WBC_URL_FETCH_SECONDS, left))
+        timeout = max(0.1, round(min(settings.WBC_URL_FETCH_SECONDS, left), 1))  # "3 seconds", not "2.99998"
+        name, data = fetch_url(item.source_url, total_timeout=timeout)
         decode_image(
             data,
             name=name,
