@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.template.response import TemplateResponse
 
-from .models import ApiToken, Laboratory, User
+from .models import ApiToken, CellCategory, Laboratory, LabSettings, User
 from .scoping import scoped
 
 
@@ -66,6 +66,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             request._new_api_key = obj.assign_new_key()  # shown by response_add, never stored
+        obj._history_user = request.user  # the audit trail names the administrator, not the token's owner
         super().save_model(request, obj, form, change)
 
     def response_add(self, request, obj, post_url_continue=None):
@@ -82,7 +83,34 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected tokens")
     def revoke(self, request, queryset):
-        from django.utils import timezone
+        tokens = list(queryset.filter(revoked_at__isnull=True))
+        for token in tokens:  # one by one: each revocation is an audit row with the administrator's name
+            token.revoke(by=request.user)
+        self.message_user(request, f"{len(tokens)} token(s) revoked.")
 
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
-        self.message_user(request, f"{count} token(s) revoked.")
+
+class AuditedAdminMixin:
+    """Saves from the admin name the administrator in the audit trail (django-simple-history)."""
+
+    def save_model(self, request, obj, form, change):
+        obj._history_user = request.user
+        obj._change_reason = "changed in the admin" if change else "added in the admin"
+        super().save_model(request, obj, form, change)
+
+    def delete_model(self, request, obj):
+        obj._history_user = request.user
+        obj._change_reason = "deleted in the admin"
+        super().delete_model(request, obj)
+
+
+@admin.register(LabSettings)
+class LabSettingsAdmin(AuditedAdminMixin, LabScopedAdmin):
+    list_display = ["laboratory", "count_target", "two_person_signoff", "require_all_verified", "out_of_scope_limit"]
+    readonly_fields = ["updated_at"]
+
+
+@admin.register(CellCategory)
+class CellCategoryAdmin(AuditedAdminMixin, LabScopedAdmin):
+    list_display = ["label", "key", "hotkey", "is_active", "position", "laboratory"]
+    list_filter = ["laboratory", "is_active"]
+    search_fields = ["key", "label"]

@@ -257,9 +257,13 @@ class ApiToken(models.Model):
             type(self).objects.filter(pk=self.pk).update(last_used_at=now)
             self.last_used_at = now
 
-    def revoke(self) -> None:
+    def revoke(self, by=None) -> None:
+        """Revoke the token; saved (not a queryset update) so the audit trail records who did it (``by``, else the
+        owner)."""
         from django.utils import timezone
 
         if self.revoked_at is None:
             self.revoked_at = timezone.now()
-            type(self).objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=self.revoked_at)
+            self._history_user = by or self.user
+            self._change_reason = "token revoked"
+            self.save(update_fields=["revoked_at"])

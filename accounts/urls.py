@@ -5,4 +5,5 @@ from . import views
 app_name = "accounts"
 urlpatterns = [
     path("account/tokens/", views.tokens, name="tokens"),
+    path("settings/lab/", views.lab_settings, name="lab_settings"),
 ]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from .models import ApiToken, TooManyTokens
+from .forms import CategoryFormSet, LabSettingsForm
+from .models import ApiToken, CellCategory, LabSettings, TooManyTokens
+from .roles import MODEL_ADMIN, SUPERVISOR
 
 
 def _own_token(user, raw_id: str) -> ApiToken | None:
@@ -55,3 +59,41 @@ def tokens(request: HttpRequest) -> HttpResponse:
     response = render(request, "accounts/tokens.html", context, status=status)
     response["Cache-Control"] = "no-store"
     return response
+
+
+def can_manage_lab(user) -> bool:
+    """Model admins and Supervisors set how their laboratory reviews and signs slides."""
+    return bool(user.laboratory_id) and (
+        user.is_superuser or user.groups.filter(name__in=[MODEL_ADMIN, SUPERVISOR]).exists()
+    )
+
+
+@require_http_methods(["GET", "POST"])
+def lab_settings(request: HttpRequest) -> HttpResponse:
+    """/settings/lab/: count target, sign-off rules, out-of-scope limit, reference ranges and cell categories.
+    Every saved change is an audit row with the user's name."""
+    if not can_manage_lab(request.user):
+        raise PermissionDenied("Only Model admins and Supervisors change the laboratory's settings.")
+    lab_id = request.user.laboratory_id
+    settings_row = LabSettings.for_lab(lab_id)
+    CellCategory.for_lab(lab_id)
+    categories = CellCategory.objects.filter(laboratory_id=lab_id)
+    data = request.POST if request.method == "POST" else None
+    form = LabSettingsForm(data, instance=settings_row)
+    formset = CategoryFormSet(data, queryset=categories, prefix="categories", laboratory=request.user.laboratory)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid() and formset.is_valid():
+            with transaction.atomic():
+                row = form.save(commit=False)
+                row._history_user, row._change_reason = request.user, "lab settings changed"
+                row.save()
+                for category in formset.save(commit=False):
+                    category.laboratory_id = lab_id
+                    category._history_user, category._change_reason = request.user, "cell category changed"
+                    category.save()
+            messages.success(request, "The laboratory settings are saved.")
+            return redirect("accounts:lab_settings")
+        status = 400
+    context = {"form": form, "formset": formset}
+    return render(request, "accounts/lab_settings.html", context, status=status)

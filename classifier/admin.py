@@ -27,13 +27,24 @@ class ClassifierModelAdmin(LabScopedAdmin):
         """New models come in through the validated upload page (checks run before anything is stored)."""
         return redirect("classifier:model_upload")
 
+    @staticmethod
+    def _switch(request, queryset, active: bool) -> int:
+        """One save per model (not a queryset update), so each switch is an audit row with the admin's name."""
+        records = list(queryset.exclude(is_active=active))
+        for record in records:
+            record.is_active = active
+            record._history_user = request.user
+            record._change_reason = "model activated" if active else "model deactivated"
+            record.save(update_fields=["is_active"])
+        return len(records)
+
     @admin.action(description="Activate selected models")
     def activate(self, request, queryset):
-        self.message_user(request, f"{queryset.update(is_active=True)} model(s) activated.")
+        self.message_user(request, f"{self._switch(request, queryset, True)} model(s) activated.")
 
     @admin.action(description="Deactivate selected models")
     def deactivate(self, request, queryset):
-        self.message_user(request, f"{queryset.update(is_active=False)} model(s) deactivated.")
+        self.message_user(request, f"{self._switch(request, queryset, False)} model(s) deactivated.")
 
 
 @admin.register(Prediction)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
+from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -16,6 +17,7 @@ from wbc_ml.vetting import ModelRejected
 
 from .custom_models import register_custom_model
 from .fetch import UrlRefused, fetch_url
+from .filters import ListFilterForm, filter_dates
 from .forms import ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
 from .models import ClassifierModel, Prediction
 from .services import UploadedImage, classify_image, ensure_saliency, read_upload, usable_models
@@ -124,10 +126,46 @@ def prediction_saliency(request: HttpRequest, uid, method: str) -> HttpResponse:
     return response
 
 
+HISTORY_STATUS = [("flagged", "Flagged for review"), ("clear", "Not flagged")]
+# A cell of a slide still to review: flagged at the slide's threshold and without a technologist's class.
+CELL_TO_REVIEW = Q(batch_item__isnull=False, batch_item__verification__isnull=True) & (
+    Q(confidence__lt=F("batch_item__batch__threshold")) | Q(is_outlier=True)
+)
+# A slide is signed when it has a signed version and no open (unsigned) one.
+SIGNED = "batch_item__batch__report_versions__signed_at__isnull"
+
+
 def history(request: HttpRequest) -> HttpResponse:
-    predictions = scoped(Prediction.objects.select_related("model", "user"), request.user)
+    """Classified images, filtered by review flag, review state, date range and accession."""
+    threshold = request.user.review_threshold
+    filters = ListFilterForm(request.GET, HISTORY_STATUS)
+    values = filters.values
+    predictions = scoped(Prediction.objects.select_related("model", "user"), request.user).annotate(
+        to_review=ExpressionWrapper(CELL_TO_REVIEW, output_field=BooleanField())
+    )
+    flagged = Q(confidence__lt=threshold) | Q(is_outlier=True)
+    if values.get("status"):
+        predictions = predictions.filter(flagged) if values["status"] == "flagged" else predictions.exclude(flagged)
+    if values.get("accession"):
+        predictions = predictions.filter(batch_item__batch__external_id__icontains=values["accession"])
+    review = values.get("review")
+    if review == "to_review":
+        predictions = predictions.filter(to_review=True)
+    elif review == "signed":
+        predictions = predictions.filter(**{SIGNED: False}).exclude(**{SIGNED: True})
+    elif review == "unsigned":
+        predictions = predictions.exclude(Q(**{SIGNED: False}) & ~Q(**{SIGNED: True}))
+    predictions = filter_dates(predictions, values).distinct()
     page = Paginator(predictions, 25).get_page(request.GET.get("page"))
-    return render(request, "classifier/history.html", {"page": page, "threshold": request.user.review_threshold})
+    context = {
+        "page": page,
+        "threshold": threshold,
+        "filters": filters,
+        "pager_query": filters.query_string(),
+        "filtered": bool(values),
+        "n_to_review": predictions.filter(to_review=True).count(),
+    }
+    return render(request, "classifier/history.html", context)
 
 
 @require_POST
@@ -193,6 +231,8 @@ def model_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     if record.laboratory_id != request.user.laboratory_id:
         raise Http404("No model found.")
     record.is_active = not record.is_active
+    record._history_user = request.user  # the audit trail (django-simple-history) records who switched it
+    record._change_reason = "model activated" if record.is_active else "model deactivated"
     record.save(update_fields=["is_active"])
     messages.success(request, f"{record} is now {'active' if record.is_active else 'inactive'}.")
     return redirect("classifier:models")

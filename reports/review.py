@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.models import CellCategory, LabSettings
@@ -34,6 +35,7 @@ __all__ = [  # effective_class is defined beside the differential and offered he
     "countersign",
     "differential_payload",
     "effective_class",
+    "filter_review",
     "is_to_review",
     "live_snapshot",
     "reclassify",
@@ -42,6 +44,7 @@ __all__ = [  # effective_class is defined beside the differential and offered he
     "slide_state",
     "state_of",
     "to_review",
+    "with_review_counts",
 ]
 
 IN_REVIEW, AWAITING_COUNTERSIGN, FINAL, AMENDING = "in review", "awaiting countersign", "final", "amending"
@@ -118,6 +121,32 @@ def is_to_review(item: BatchItem, threshold: float) -> bool:
 
 def to_review(batch: Batch, items: Iterable[BatchItem] | None = None) -> list[BatchItem]:
     return [item for item in (review_items(batch) if items is None else items) if is_to_review(item, batch.threshold)]
+
+
+TO_REVIEW_ITEMS = Q(items__prediction__isnull=False, items__verification__isnull=True) & (
+    Q(items__prediction__confidence__lt=F("threshold")) | Q(items__prediction__is_outlier=True)
+)
+
+
+def with_review_counts(batches: QuerySet) -> QuerySet:
+    """Batches annotated in the same query with ``n_to_review`` (flagged at the slide's threshold, not verified)
+    and ``latest_signed_at`` (null: the latest version is not signed, or there is none)."""
+    latest = ReportVersion.objects.filter(batch=OuterRef("pk")).order_by("-number")
+    return batches.annotate(
+        n_to_review=Count("items", filter=TO_REVIEW_ITEMS),
+        latest_signed_at=Subquery(latest.values("signed_at")[:1]),
+    )
+
+
+def filter_review(batches: QuerySet, review: str | None) -> QuerySet:
+    """``to_review`` / ``signed`` / ``unsigned`` on batches annotated by :func:`with_review_counts`."""
+    if review == "to_review":
+        return batches.filter(n_to_review__gt=0)
+    if review == "signed":
+        return batches.filter(latest_signed_at__isnull=False)
+    if review == "unsigned":
+        return batches.filter(latest_signed_at__isnull=True)
+    return batches
 
 
 def _locked_batch(batch: Batch) -> Batch:

@@ -19,6 +19,7 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.scoping import get_scoped_or_404, scoped
+from classifier.filters import ListFilterForm, filter_dates
 from classifier.forms import ThresholdForm
 from classifier.models import ClassifierModel
 from classifier.services import remember_model, usable_models
@@ -29,6 +30,7 @@ from .forms import BatchForm, EvaluationUploadForm
 from .heartbeat import worker_warning
 from .labels import MAX_LABEL_BYTES, LabelFileError
 from .models import Batch, BatchItem, EvaluationRun
+from .review import filter_review, with_review_counts
 from .services import Refused, create_evaluation, rerun_batch
 from .submission import batch_limits, submit_batch, url_entries
 from .uploads import UploadRefused, expand_uploads
@@ -60,17 +62,25 @@ def with_threshold(view):
 
 
 def batch_list(request: HttpRequest) -> HttpResponse:
-    batches = (
-        scoped(Batch.objects.select_related("model", "user"), request.user)
-        .annotate(
+    """The lab's batches, filtered by status, review state, date range and accession; each row with its cells
+    still to review (counted in the same query)."""
+    filters = ListFilterForm(request.GET, Batch.Status.choices)
+    values = filters.values
+    batches = with_review_counts(
+        scoped(Batch.objects.select_related("model", "user"), request.user).annotate(
             n_items=Count("items"),
             n_done=Count("items", filter=Q(items__status=BatchItem.Status.DONE)),
             n_failed=Count("items", filter=Q(items__status=BatchItem.Status.FAILED)),
         )
-        .order_by("-created_at", "-id")
     )
+    if values.get("status"):
+        batches = batches.filter(status=values["status"])
+    if values.get("accession"):
+        batches = batches.filter(external_id__icontains=values["accession"])
+    batches = filter_review(filter_dates(batches, values), values.get("review")).order_by("-created_at", "-id")
     page = Paginator(batches, 20).get_page(request.GET.get("page"))
-    return render(request, "reports/batch_list.html", {"page": page})
+    context = {"page": page, "filters": filters, "pager_query": filters.query_string(), "filtered": bool(values)}
+    return render(request, "reports/batch_list.html", context)
 
 
 @with_threshold

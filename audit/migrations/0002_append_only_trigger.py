@@ -1,4 +1,5 @@
-"""Append-only on PostgreSQL: a trigger refuses UPDATE and DELETE on every historical table (SQLite: nothing)."""
+"""Append-only on PostgreSQL: a statement trigger refuses every UPDATE and DELETE
+on the historical tables, even one that matches no row (SQLite: nothing; TRUNCATE stays for test flushes)."""
 
 from django.db import migrations
 
@@ -24,11 +25,11 @@ $$ LANGUAGE plpgsql;
 def install(apps, schema_editor):
     if schema_editor.connection.vendor != "postgresql":
         return
-    schema_editor.execute(FUNCTION)
+    schema_editor.execute(FUNCTION, params=None)  # no placeholders: the % are PL/pgSQL format marks
     for table in TABLES:
         schema_editor.execute(
             f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-            "FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();"
+            "FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();"
         )
 
 
