@@ -1,14 +1,23 @@
-"""Registering a lab's own model: validated in a separate process before anything is stored."""
+"""Registering a lab's own model: validated in a separate process before anything is stored.
+
+Every upload gets its own content-addressed path, ``lab<id>/<sha256 prefix>-<random>.<ext>`` in
+``WBC_CUSTOM_MODELS_DIR`` (its ONNX copy the same stem in ``WBC_ONNX_DIR``), so two labs uploading the same
+file, or files with the same name, never share a file, and a failed registration removes only its own files.
+The web process never loads the upload: the vetting child checks it and exports the ONNX copy.
+"""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
+from wbc_ml.checksums import file_sha256
+from wbc_ml.onnx_export import onnx_file_name
 from wbc_ml.vetting import ModelRejected, validate_model_file
 
 from .models import ClassifierModel
@@ -34,41 +43,65 @@ def register_custom_model(
         for chunk in uploaded_file.chunks():
             handle.write(chunk)
         incoming = Path(handle.name)
+    placed: list[Path] = [incoming]  # this upload's own files, removed on any failure
     try:
-        validated = validate_model_file(
-            incoming, expected_classes=len(class_names), max_bytes=settings.WBC_MAX_MODEL_BYTES
-        )
-        if ClassifierModel.objects.filter(sha256=validated.sha256, laboratory=user.laboratory).exists():
+        sha256 = file_sha256(incoming)
+        if ClassifierModel.objects.filter(sha256=sha256, laboratory=user.laboratory).exists():
             raise ModelRejected("This exact model file is already registered for your laboratory.")
-        final = folder / f"{validated.sha256[:24]}{EXTENSIONS[validated.format]}"
+        stem = f"lab{user.laboratory_id}/{sha256[:32]}-{secrets.token_hex(4)}"
+        onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_file_name(stem)
+        placed.append(onnx_path)
+        validated = validate_model_file(
+            incoming,
+            expected_classes=len(class_names),
+            max_bytes=settings.WBC_MAX_MODEL_BYTES,
+            onnx_path=onnx_path,
+            normalization=normalization,
+        )
+        file_name = f"{stem}{EXTENSIONS[validated.format]}"
+        final = folder / file_name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        placed.append(final)
         shutil.move(incoming, final)
+        record = ClassifierModel(
+            name=name,
+            architecture=f"custom ({validated.format})",
+            file_name=file_name,
+            sha256=validated.sha256,
+            input_height=validated.input_size[0],
+            input_width=validated.input_size[1],
+            normalization=normalization,
+            class_names=class_names,
+            temperature=1.0,
+            parameters=validated.parameters,
+            onnx_file_name=onnx_file_name(stem) if validated.onnx_sha256 else "",
+            onnx_sha256=validated.onnx_sha256 or "",
+            onnx_status=validated.onnx_status[:500],
+            card={"uploaded_file": uploaded_file.name, "format": validated.format, "validated": True},
+            is_bundled=False,
+            laboratory_id=user.laboratory_id,
+            uploaded_by=user,
+        )
+        _save_with_next_version(record)
     except BaseException:
-        incoming.unlink(missing_ok=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
         raise
+    return record
+
+
+def _save_with_next_version(record: ClassifierModel) -> None:
     try:
         with transaction.atomic():
-            version = str(ClassifierModel.objects.filter(name=name).count() + 1)
-            record = ClassifierModel.objects.create(
-                name=name,
-                version=version,
-                architecture=f"custom ({validated.format})",
-                file_name=final.name,
-                sha256=validated.sha256,
-                input_height=validated.input_size[0],
-                input_width=validated.input_size[1],
-                normalization=normalization,
-                class_names=class_names,
-                temperature=1.0,
-                parameters=validated.parameters,
-                card={"uploaded_file": uploaded_file.name, "format": validated.format, "validated": True},
-                is_bundled=False,
-                laboratory_id=user.laboratory_id,
-                uploaded_by=user,
-            )
-    except BaseException:
-        final.unlink(missing_ok=True)
-        raise
-    from .registry import ensure_onnx
+            record.version = _next_version(record.name)
+            record.save()
+    except IntegrityError as exc:  # another upload took the same name and version at the same moment
+        raise ModelRejected(
+            f"Another model named {record.name!r} was registered at the same moment; please try again."
+        ) from exc
 
-    ensure_onnx(record)
-    return record
+
+def _next_version(name: str) -> str:
+    """One more than the highest numbered version of ``name`` (gaps left by deleted models are never reused)."""
+    versions = ClassifierModel.objects.filter(name=name).values_list("version", flat=True)
+    return str(max((int(v) for v in versions if v.isdigit()), default=0) + 1)

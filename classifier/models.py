@@ -34,10 +34,12 @@ class ClassifierModel(models.Model):
     class_names = models.JSONField()
     temperature = models.FloatField(default=1.0)
     ood_file_name = models.CharField(max_length=255, blank=True)
+    ood_sha256 = models.CharField(max_length=64, blank=True, help_text="checksum of the detector file")
     parameters = models.PositiveBigIntegerField(null=True, blank=True)
     test_accuracy = models.FloatField(null=True, blank=True)
     card = models.JSONField(default=dict, blank=True)
     onnx_file_name = models.CharField(max_length=255, blank=True, help_text="ONNX copy used for serving")
+    onnx_sha256 = models.CharField(max_length=64, blank=True, help_text="checksum of the ONNX copy")
     onnx_status = models.CharField(max_length=500, blank=True, help_text="why serving falls back to TensorFlow")
     is_active = models.BooleanField(default=True)
     is_bundled = models.BooleanField(default=False)
@@ -101,6 +103,8 @@ class ClassifierModel(models.Model):
             class_names=tuple(self.class_names),
             temperature=self.temperature,
             ood_path=ood,
+            ood_sha256=self.ood_sha256 or None,
+            onnx_sha256=self.onnx_sha256 or None,
         )
 
 
@@ -121,6 +125,9 @@ class Prediction(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="predictions")
     model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="predictions")
     model_version = models.CharField(max_length=40)
+    model_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="checksum of the exact model file that classified the image"
+    )
     normalization = models.JSONField(default=dict, blank=True, help_text="the normalisation applied")
     image = models.FileField(upload_to=cell_upload_to)
     original_filename = models.CharField(max_length=255)

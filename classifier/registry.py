@@ -9,7 +9,7 @@ from pathlib import Path
 from django.conf import settings
 
 from wbc_ml.checksums import file_sha256
-from wbc_ml.onnx_export import export_onnx, onnx_file_name
+from wbc_ml.onnx_export import export_onnx, fallback_status, onnx_file_name, served_status
 from wbc_ml.preprocessing import Normalization
 
 from .models import ClassifierModel
@@ -52,6 +52,12 @@ def register_card(
     if verify_file and file_sha256(model_file) != card["sha256"]:
         raise CardError(f"{card_path.name}: {card['file']} does not match the card's sha256")
     ood = card.get("ood") or {}
+    ood_file = card_path.parent / ood["file"] if ood.get("file") else None
+    if ood_file is not None:  # the detectors decide the review flag: a card's detector must be there, unaltered
+        if not ood_file.is_file():
+            raise CardError(f"{card_path.name}: detector file {ood['file']} is missing")
+        if not ood.get("sha256") or (verify_file and file_sha256(ood_file) != ood["sha256"]):
+            raise CardError(f"{card_path.name}: {ood['file']} does not match the card's ood sha256")
     test_metrics = (card.get("metrics") or {}).get("test") or {}
     defaults = {
         "architecture": card["architecture"],
@@ -62,7 +68,8 @@ def register_card(
         "normalization": card["normalization"],
         "class_names": card["class_names"],
         "temperature": float(card.get("temperature", 1.0)),
-        "ood_file_name": ood.get("file", "") if (card_path.parent / ood.get("file", "-")).is_file() else "",
+        "ood_file_name": ood["file"] if ood_file is not None else "",
+        "ood_sha256": ood["sha256"] if ood_file is not None else "",
         "parameters": card.get("parameters"),
         "test_accuracy": test_metrics.get("accuracy"),
         "card": card,
@@ -82,18 +89,30 @@ def bundled_cards(models_dir: Path) -> list[Path]:
 
 
 def ensure_onnx(record) -> None:
-    """Give a ClassifierModel record its checked ONNX copy, or record why it serves with TensorFlow."""
-    onnx_name = onnx_file_name(record.sha256)
+    """Give a bundled model its checked ONNX copy and record its sha256, or record why it serves with TensorFlow.
+
+    This loads the model file with Keras, so it is for our own bundled files only (``register_models``). An
+    uploaded model gets its ONNX copy from the vetting child (:mod:`classifier.custom_models`), never here.
+    """
+    if not record.is_bundled:
+        raise ValueError(f"{record} is an uploaded model: its ONNX copy is made by the vetting child")
+    onnx_name = onnx_file_name(f"{record.sha256[:20]}-{record.pk}")  # one copy per row: never shared
     onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_name
-    if record.onnx_file_name == onnx_name and onnx_path.is_file():
+    if record.onnx_file_name == onnx_name and record.onnx_sha256 and _matches(onnx_path, record.onnx_sha256):
         return
     try:
+        if file_sha256(record.path) != record.sha256:
+            raise CardError(f"{record.file_name} does not match its registered sha256")
         difference = export_onnx(record.path, onnx_path, record.input_size, record.normalization)
     except Exception as exc:  # any failure means: serve with TensorFlow, and say why
-        record.onnx_file_name = ""
-        record.onnx_status = f"TensorFlow fallback: {exc}"[:500]
+        record.onnx_file_name, record.onnx_sha256 = "", ""
+        record.onnx_status = fallback_status(exc)
         logger.warning("%s: ONNX export not used (%s); serving with TensorFlow", record, exc)
     else:
-        record.onnx_file_name = onnx_name
-        record.onnx_status = f"ONNX Runtime (max |Δp| vs TensorFlow on probe batch: {difference:.1e})"
-    record.save(update_fields=["onnx_file_name", "onnx_status"])
+        record.onnx_file_name, record.onnx_sha256 = onnx_name, file_sha256(onnx_path)
+        record.onnx_status = served_status(difference)
+    record.save(update_fields=["onnx_file_name", "onnx_sha256", "onnx_status"])
+
+
+def _matches(path: Path, sha256: str) -> bool:
+    return path.is_file() and file_sha256(path) == sha256

@@ -56,6 +56,7 @@ def new_prediction(
         user=user,
         model=model_record,
         model_version=model_record.version,
+        model_sha256=model_record.sha256,  # the file get_classifier verified before this prediction
         normalization=normalization,
         original_filename=name[:255],
         width=width,

@@ -1,10 +1,12 @@
 import logging
 
 import numpy as np
+import pytest
 
 from classifier.registry import ensure_onnx
 from tests.conftest import TINY_SIZE, image_bytes
-from wbc_ml.inference import KerasBackend, OnnxBackend, get_classifier
+from wbc_ml.checksums import file_sha256
+from wbc_ml.inference import KerasBackend, ModelUnavailable, OnnxBackend, get_classifier
 from wbc_ml.onnx_export import probe_batch
 from wbc_ml.preprocessing import load_pixels
 
@@ -18,7 +20,8 @@ def test_registered_model_is_converted_and_served_by_onnx_runtime(tiny_record, s
     ensure_onnx(tiny_record)
     tiny_record.refresh_from_db()
     assert tiny_record.onnx_file_name and tiny_record.onnx_status.startswith("ONNX Runtime")
-    assert (settings.WBC_ONNX_DIR / tiny_record.onnx_file_name).is_file()
+    onnx = settings.WBC_ONNX_DIR / tiny_record.onnx_file_name
+    assert onnx.is_file() and tiny_record.onnx_sha256 == file_sha256(onnx)
     onnx_classifier = get_classifier(tiny_record.spec())
     assert isinstance(onnx_classifier.backend, OnnxBackend)
 
@@ -37,14 +40,24 @@ def test_tensorflow_serves_when_there_is_no_onnx_copy(tiny_record):
     assert isinstance(get_classifier(tiny_record.spec()).backend, KerasBackend)
 
 
-def test_broken_onnx_file_falls_back_to_tensorflow_with_a_logged_reason(tiny_record, settings, tmp_path, caplog):
+def test_an_altered_onnx_file_is_refused_not_served(tiny_record, settings, tmp_path):
     settings.WBC_ONNX_DIR = tmp_path / "onnx"
     ensure_onnx(tiny_record)
+    tiny_record.refresh_from_db()
     (settings.WBC_ONNX_DIR / tiny_record.onnx_file_name).write_bytes(b"not onnx")
+    with pytest.raises(ModelUnavailable, match=r"ONNX copy .* does not match its registered checksum"):
+        get_classifier(tiny_record.spec())
+
+
+def test_a_missing_onnx_file_falls_back_to_tensorflow_with_a_logged_reason(tiny_record, settings, tmp_path, caplog):
+    settings.WBC_ONNX_DIR = tmp_path / "onnx"
+    ensure_onnx(tiny_record)
+    tiny_record.refresh_from_db()
+    (settings.WBC_ONNX_DIR / tiny_record.onnx_file_name).unlink()
     with caplog.at_level(logging.WARNING):
         classifier = get_classifier(tiny_record.spec())
     assert isinstance(classifier.backend, KerasBackend)
-    assert "serving with TensorFlow" in caplog.text
+    assert "serving" in caplog.text and "with TensorFlow" in caplog.text
     assert len(classifier.predict(_pixels(2))) == 2
 
 
@@ -55,7 +68,8 @@ def test_failed_conversion_is_recorded_and_tensorflow_serves(tiny_record, settin
     with caplog.at_level(logging.WARNING):
         ensure_onnx(tiny_record)
     tiny_record.refresh_from_db()
-    assert tiny_record.onnx_file_name == "" and tiny_record.onnx_status.startswith("TensorFlow fallback")
+    assert tiny_record.onnx_file_name == tiny_record.onnx_sha256 == ""
+    assert tiny_record.onnx_status.startswith("TensorFlow fallback")
     assert "serving with TensorFlow" in caplog.text
     assert isinstance(get_classifier(tiny_record.spec()).backend, KerasBackend)
 

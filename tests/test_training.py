@@ -266,6 +266,7 @@ def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dat
         class_names=tuple(card["class_names"]),
         temperature=card["temperature"],
         ood_path=out / "mobilenet_v2_finetuned.ood.npz",
+        ood_sha256=file_sha256(out / "mobilenet_v2_finetuned.ood.npz"),  # a detector is served only verified
     )
     results = get_classifier(spec).predict(np.zeros((2, 224, 224, 3), np.uint8))
     assert len(results) == 2 and all(r.ood_score is not None for r in results)

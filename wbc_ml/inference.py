@@ -7,6 +7,8 @@ never start TensorFlow). The rest of the code sees numpy arrays and plain result
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import threading
@@ -27,6 +29,28 @@ class ModelUnavailable(RuntimeError):
     """The model file is missing, altered or cannot be loaded; the message is shown to the user."""
 
 
+def verified_bytes(path: Path, expected_sha256: str | None, what: str) -> bytes:
+    """The content of ``path`` if its sha256 is the registered one; :class:`ModelUnavailable` otherwise.
+
+    Read once and checked in memory, so the bytes used are the bytes checked.
+    """
+    if not expected_sha256:
+        raise ModelUnavailable(f"The {what} {path.name} has no registered checksum, so it cannot be verified.")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelUnavailable(f"The {what} {path.name} is missing.") from None
+    except OSError as exc:
+        raise ModelUnavailable(f"The {what} {path.name} cannot be read: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise ModelUnavailable(
+            f"The {what} {path.name} does not match its registered checksum "
+            f"(expected {expected_sha256[:12]}…, found {actual[:12]}…); it may be damaged or replaced."
+        )
+    return data
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     path: Path
@@ -37,6 +61,8 @@ class ModelSpec:
     temperature: float = 1.0
     ood_path: Path | None = None
     onnx_path: Path | None = None
+    ood_sha256: str | None = None  # the registered checksums of the detector file and of the ONNX copy
+    onnx_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +141,8 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path):
+    def __init__(self, model: bytes | Path):
+        """``model``: the verified content of the ONNX file (bytes: no external data is read), or a path."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -123,7 +150,8 @@ class OnnxBackend:
         # Idle intra-op threads sleep instead of spinning: the batch worker decodes the next chunk and the web
         # process answers requests on the same cores while a chunk is classified.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, Path) else model
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.with_features = len(self.session.get_outputs()) == 2
 
@@ -159,7 +187,10 @@ class LoadedModel:
                 f"The model file {spec.path.name} does not match its registered checksum "
                 f"(expected {spec.sha256[:12]}…, found {actual[:12]}…); it may be damaged or replaced."
             )
-        self.ood = OodDetector.load(spec.ood_path) if spec.ood_path and spec.ood_path.is_file() else None
+        self.ood = None
+        if spec.ood_path is not None:  # registered detectors are verified, never silently dropped
+            data = verified_bytes(spec.ood_path, spec.ood_sha256, "detector file")
+            self.ood = OodDetector.load(io.BytesIO(data))
         self._model = None
         self._model_lock = threading.Lock()
         self.backend = self._onnx_backend()
@@ -188,8 +219,12 @@ class LoadedModel:
         if not path.is_file():
             logger.warning("ONNX file %s is missing; serving %s with TensorFlow", path, self.spec.path.name)
             return None
+        if not self.spec.onnx_sha256:
+            logger.warning("ONNX file %s has no registered checksum; serving with TensorFlow", path)
+            return None
+        data = verified_bytes(path, self.spec.onnx_sha256, "ONNX copy")  # altered: refused, not served
         try:
-            return OnnxBackend(path)
+            return OnnxBackend(data)
         except Exception as exc:  # a broken export must never stop serving
             logger.warning("ONNX Runtime could not load %s (%s); serving with TensorFlow", path, exc)
             return None
@@ -273,7 +308,15 @@ _cache_lock = threading.Lock()
 
 def get_classifier(spec: ModelSpec) -> Classifier:
     """A classifier for ``spec``; the model file behind it is loaded once per process (by path and checksum)."""
-    key = (str(spec.path), spec.sha256, spec.class_names, str(spec.ood_path), str(spec.onnx_path))
+    key = (
+        str(spec.path),
+        spec.sha256,
+        spec.class_names,
+        str(spec.ood_path),
+        spec.ood_sha256,
+        str(spec.onnx_path),
+        spec.onnx_sha256,
+    )
     with _cache_lock:
         loaded = _loaded.get(key)
         if loaded is None:

@@ -29,8 +29,12 @@ def probe_batch(input_size: tuple[int, int], normalization: dict, seed: int = 0)
 
 
 def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], normalization: dict) -> float:
+    """Load ``model_path`` (our own bundled files only: uploads are exported by the vetting child) and export it."""
+    return export_model_onnx(load_keras_model(model_path), onnx_path, input_size, normalization)
+
+
+def export_model_onnx(model, onnx_path: Path, input_size: tuple[int, int], normalization: dict) -> float:
     """Write ``onnx_path`` and return the max |p_onnx - p_tf| on a probe batch; raise if it is too large."""
-    model = load_keras_model(model_path)
     with_features = has_feature_layer(model)
     serving = serving_model(model)
     probe = probe_batch(input_size, normalization)
@@ -43,7 +47,7 @@ def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], 
             serving.export(str(tmp_path), format="onnx", verbose=False)
         except Exception as exc:
             raise OnnxExportFailed(f"conversion failed: {exc}") from exc
-        probs, _ = OnnxBackend(tmp_path).run(probe)
+        probs, _ = OnnxBackend(tmp_path.read_bytes()).run(probe)
         difference = float(np.abs(probs - reference_probs).max())
         if not difference <= MAX_PROBABILITY_DIFFERENCE:
             raise OnnxExportFailed(f"ONNX Runtime and TensorFlow disagree by {difference:.2e} (limit 1e-4)")
@@ -51,6 +55,16 @@ def export_onnx(model_path: Path, onnx_path: Path, input_size: tuple[int, int], 
     return difference
 
 
-def onnx_file_name(sha256: str) -> str:
-    """The ONNX copy's file name for a model file with this sha256 (and the current serving layout)."""
-    return f"{sha256[:20]}-{SERVING_LAYOUT}.onnx"
+def onnx_file_name(stem: str) -> str:
+    """The ONNX copy's file name: the registry's ``stem`` for one model row, and the current serving layout."""
+    return f"{stem}-{SERVING_LAYOUT}.onnx"
+
+
+def served_status(difference: float) -> str:
+    """The registry's words for a model served by its checked ONNX copy."""
+    return f"ONNX Runtime (max |Δp| vs TensorFlow on probe batch: {difference:.1e})"
+
+
+def fallback_status(error: BaseException | str) -> str:
+    """The registry's words for a model served by TensorFlow, and why."""
+    return f"TensorFlow fallback: {error}"[:500]
