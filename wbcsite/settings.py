@@ -164,10 +164,13 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "classifier:classify"
 LOGOUT_REDIRECT_URL = "login"
 
-# Log-in rate limiting (django-axes): 5 failures lock the username+address pair for 15 minutes.
+# Log-in rate limiting (django-axes): 5 failures lock the username+address pair for 15 minutes, and 20 failures
+# from one address across usernames (password spraying) lock that address (accounts.login_lockout).
 AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
+WBC_LOGIN_ADDRESS_FAILURE_LIMIT = env_int("WBC_LOGIN_ADDRESS_FAILURE_LIMIT", 20)
 AXES_COOLOFF_TIME = 0.25
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_HANDLER = "accounts.login_lockout.AddressLimitHandler"
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_ENABLED = env_bool("AXES_ENABLED", True)
