@@ -132,8 +132,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-            ],
                 "wbcsite.context_processors.review_threshold",
+            ],
         },
     },
 ]
@@ -280,10 +280,10 @@ WBC_API_RATE = env_str("WBC_API_RATE", "120/min")
 WBC_API_SUBMIT_RATE = env_str("WBC_API_SUBMIT_RATE", "20/min")
 WBC_API_PAGE_SIZE = env_int("WBC_API_PAGE_SIZE", 25)
 WBC_API_MAX_TOKENS_PER_USER = env_int("WBC_API_MAX_TOKENS_PER_USER", 20)
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 REDIS_URL = env_str("REDIS_URL")
 _RATE_CACHE_OPTIONS = {"KEY_PREFIX": "wbc-rate", "TIMEOUT": 86400 + 60}
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     "api_throttle": (
         {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, **_RATE_CACHE_OPTIONS}
         if REDIS_URL
