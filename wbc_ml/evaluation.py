@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from . import datasets
-from .metrics import apply_temperature, classification_report
-from .ood import fit_ood
+from .adaptation.cells import unseen
+from .inference import has_feature_layer
+from .metrics import MetricsReport, apply_temperature, classification_report
+from .ood import OodDetector, fit_ood
 from .preprocessing import Normalization
 from .review_flag import DEFAULT_THRESHOLD
 from .training import (
@@ -33,21 +36,74 @@ def load_card(model_path: Path) -> dict:
     return json.loads(card_path.read_text())
 
 
+def review_predictions(
+    model, x: np.ndarray, normalization: Normalization, temperature: float, detector: OodDetector | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated probabilities, detector outlier flags) of images, computed as the web app serves them."""
+    if detector is None or not has_feature_layer(model):
+        probs = apply_temperature(predict_in_batches(model, x, normalization), temperature)
+        return probs, np.zeros(len(x), bool)
+    features, raw = features_and_probs(model, x, normalization)
+    return apply_temperature(raw, temperature), detector.is_outlier(features)
+
+
+def review_report(
+    labels: np.ndarray, probs: np.ndarray, outliers: np.ndarray, class_names: list[str], threshold: float
+) -> MetricsReport:
+    """The classification report, its flagged share counting the detectors as the web app does."""
+    report = classification_report(labels, probs, class_names, threshold)
+    by_confidence = probs.max(axis=1) < threshold
+    report["flagged_share_confidence_only"] = report["flagged_share"]
+    report["flagged_share"] = float((by_confidence | outliers).mean()) if len(labels) else 0.0
+    report["flagged_by_detectors_only"] = float((outliers & ~by_confidence).mean()) if len(labels) else 0.0
+    report["flagged_counts_detectors"] = True
+    return report
+
+
+def _chosen_samples(card: dict, samples: list[datasets.Sample], split_name: str) -> list[datasets.Sample]:
+    if split_name == "all":
+        return samples
+    if split_name == "unseen":
+        adaptation = card.get("adaptation")
+        if not adaptation:
+            raise ValueError("--split unseen needs an adapted model: its card lists the cells the adaptation used")
+        return unseen(samples, list(card["class_names"]), adaptation["cells"])
+    return datasets.split_samples(samples)[split_name]
+
+
 def evaluate_saved_model(
     model_path: Path, data_dir: Path, split_name: str, threshold: float = DEFAULT_THRESHOLD
 ) -> dict:
-    """Metrics of a saved model on one split of ``data_dir`` (or 'all' of it), through its card's preprocessing."""
+    """Metrics of a saved model on one split of ``data_dir`` ('all' of it, or the cells an adaptation did not use).
+
+    Preprocessing, calibration and the review flag (confidence under ``threshold`` OR the detectors beside the
+    model) are those of the web app.
+    """
     card = load_card(model_path)
     normalization = Normalization.from_dict(card["normalization"])
     class_names = list(card["class_names"])
-    samples = datasets.list_images(data_dir, tuple(class_names))
-    chosen = samples if split_name == "all" else datasets.split_samples(samples)[split_name]
+    chosen = _chosen_samples(card, datasets.list_images(data_dir, tuple(class_names)), split_name)
+    if not chosen:
+        raise ValueError(f"no images to evaluate in the {split_name!r} part of {data_dir}")
     x, y = datasets.load_arrays(chosen, tuple(card["input_size"]))
     model = keras.models.load_model(model_path, compile=False)
-    raw = predict_in_batches(model, x, normalization)
-    probs = apply_temperature(raw, float(card.get("temperature", 1.0)))
-    report = classification_report(y, probs, class_names, threshold)
-    return {"model": model_path.name, "data": str(data_dir), "split": split_name, "metrics": report}
+    ood_file = (card.get("ood") or {}).get("file")
+    detector = OodDetector.load(model_path.parent / ood_file) if ood_file else None
+    probs, outliers = review_predictions(model, x, normalization, float(card.get("temperature", 1.0)), detector)
+    report = review_report(y, probs, outliers, class_names, threshold)
+    return {
+        "model": model_path.name,
+        "data": str(data_dir),
+        "split": split_name,
+        "n": report["n"],
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "flagged_share": report["flagged_share"],
+        "threshold": threshold,
+        "detectors": ood_file,
+        "metrics": report,
+        "files": [f"{class_names[s.label]}/{s.name}" for s in chosen],
+    }
 
 
 def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:

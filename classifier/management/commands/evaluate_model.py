@@ -15,8 +15,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--split",
             default="test",
-            choices=["train", "val", "test", "all"],
-            help="which part of the deterministic split to use; 'all' for a lab's own folder (default: test)",
+            choices=["train", "val", "test", "all", "unseen"],
+            help=(
+                "which part of the deterministic split to use; 'all' for a lab's own folder; 'unseen' for the images "
+                "an adapted model's card does not list as adaptation cells (default: test)"
+            ),
         )
         parser.add_argument(
             "--threshold", type=float, default=DEFAULT_THRESHOLD, help="review threshold for the flagged share"
@@ -33,11 +36,15 @@ class Command(BaseCommand):
             raise CommandError(f"--data {options['data']} is not a folder")
         try:
             result = evaluate_saved_model(options["model"], options["data"], options["split"], options["threshold"])
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         class_names = list(result["metrics"]["per_class"])
         self.stdout.write(f"{result['model']} on {result['data']} ({result['split']} split)")
         self.stdout.write(format_report(result["metrics"], class_names))
+        self.stdout.write(
+            f"flagged for review at {result['threshold']:.2f} counting the detectors: {result['flagged_share']:.2%} "
+            f"(confidence alone {result['metrics']['flagged_share_confidence_only']:.2%})"
+        )
         if options["json"]:
             options["json"].write_text(json.dumps(result, indent=2) + "\n")
             self.stdout.write(f"wrote {options['json']}")
