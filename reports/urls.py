@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import review_views, views
+from . import review_page, review_views, views
 
 app_name = "reports"
 urlpatterns = [
@@ -11,7 +11,7 @@ urlpatterns = [
     path("<uuid:uid>/report.csv", views.batch_csv, name="batch_csv"),
     path("<uuid:uid>/summary.csv", views.batch_summary_csv, name="batch_summary_csv"),
     # review and sign-off (JSON for the review page; forms for signing), the printable report, the audit trail
-    path("<uuid:uid>/review/", review_views.review_page, name="review"),
+    path("<uuid:uid>/review/", review_page.review_page, name="review"),
     path("<uuid:uid>/review/state.json", review_views.review_state, name="review_state"),
     path("<uuid:uid>/review/classify.json", review_views.review_classify, name="review_classify"),
     path("<uuid:uid>/review/sign/", review_views.review_sign, name="review_sign"),
