@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.shortcuts import redirect
 
 from accounts.admin import LabScopedAdmin
@@ -20,7 +20,20 @@ class ClassifierModelAdmin(LabScopedAdmin):
     ]
     list_filter = ["is_active", "is_bundled", "architecture", "laboratory"]
     search_fields = ["name", "architecture", "sha256"]
-    readonly_fields = ["sha256", "card", "created_at", "is_bundled"]
+    # The files served and their checksums are set by registration only (register_models, the upload page).
+    readonly_fields = [
+        "file_name",
+        "sha256",
+        "onnx_file_name",
+        "onnx_sha256",
+        "onnx_status",
+        "ood_file_name",
+        "ood_sha256",
+        "card",
+        "created_at",
+        "is_bundled",
+        "uploaded_by",
+    ]
     actions = ["activate", "deactivate"]
 
     def add_view(self, request, form_url="", extra_context=None):
@@ -38,13 +51,26 @@ class ClassifierModelAdmin(LabScopedAdmin):
             record.save(update_fields=["is_active"])
         return len(records)
 
+    def _own_rows(self, request, queryset):
+        """The selection without the shared models, which only a superuser may switch (they serve every lab)."""
+        if request.user.is_superuser:
+            return queryset
+        shared = queryset.filter(laboratory__isnull=True).count()
+        if shared:
+            self.message_user(
+                request, f"{shared} shared model(s) left as they are: only a superuser manages them.", messages.WARNING
+            )
+        return queryset.filter(laboratory_id=request.user.laboratory_id)
+
     @admin.action(description="Activate selected models")
     def activate(self, request, queryset):
-        self.message_user(request, f"{self._switch(request, queryset, True)} model(s) activated.")
+        switched = self._switch(request, self._own_rows(request, queryset), True)
+        self.message_user(request, f"{switched} model(s) activated.")
 
     @admin.action(description="Deactivate selected models")
     def deactivate(self, request, queryset):
-        self.message_user(request, f"{self._switch(request, queryset, False)} model(s) deactivated.")
+        switched = self._switch(request, self._own_rows(request, queryset), False)
+        self.message_user(request, f"{switched} model(s) deactivated.")
 
 
 @admin.register(Prediction)

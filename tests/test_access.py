@@ -114,9 +114,29 @@ def test_password_change_page_works(tech_client):
     assert response.status_code == 302 and response["Location"] == reverse("password_change_done")
 
 
-def test_admin_shows_model_admins_only_their_lab(client, model_admin, prediction, outsider, tiny_record):
+def test_admin_shows_model_admins_only_their_lab(client, model_admin, prediction, outsider, tiny_record, lab_b):
+    from classifier.services import UploadedImage, classify_image
+    from tests.conftest import image_bytes
+
+    theirs = classify_image(outsider, UploadedImage("lab-b-cell.png", image_bytes(color=(90, 90, 200))), tiny_record)
+    their_model = ClassifierModel.objects.create(
+        name="Lab B custom",
+        architecture="custom (keras)",
+        file_name="x.keras",
+        sha256="0" * 64,
+        input_height=32,
+        input_width=32,
+        normalization={"method": "scale01"},
+        class_names=[],
+        laboratory=lab_b,
+    )
     model_admin.is_staff = True
     model_admin.save()
     client.force_login(model_admin)
-    assert client.get(reverse("admin:classifier_classifiermodel_changelist")).status_code == 200
-    assert client.get(reverse("admin:classifier_prediction_changelist")).status_code == 200
+    predictions = client.get(reverse("admin:classifier_prediction_changelist"))
+    assert predictions.status_code == 200
+    assert prediction.original_filename in predictions.text and "lab-b-cell.png" not in predictions.text
+    models = client.get(reverse("admin:classifier_classifiermodel_changelist"))
+    assert models.status_code == 200 and "Tiny CNN" in models.text and "Lab B custom" not in models.text
+    assert client.get(reverse("admin:classifier_prediction_change", args=[theirs.pk])).status_code == 404
+    assert client.get(reverse("admin:classifier_classifiermodel_change", args=[their_model.pk])).status_code == 404

@@ -99,6 +99,7 @@ INSTALLED_APPS = [
     "reports",
     "simple_history",
     "audit",
+    "lis",
 ]
 
 MIDDLEWARE = [

@@ -16,6 +16,7 @@ urlpatterns = [
     path("api/v1/", include("wbcsite.api_urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("batches/", include("reports.urls")),
+    path("lis/", include("lis.urls")),
     path("", include("accounts.urls")),
     path("", include("classifier.urls")),
 ]
