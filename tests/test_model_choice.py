@@ -162,7 +162,27 @@ def test_unsafe_model_is_refused_with_its_reason_and_nothing_is_stored(model_adm
     response = _upload_model(model_admin_client, path, name="Sneaky")
     assert response.status_code == 400 and "Lambda layer" in response.text and "lambda.keras" in response.text
     assert not ClassifierModel.objects.filter(name="Sneaky").exists()
-    assert [p for p in settings.WBC_CUSTOM_MODELS_DIR.iterdir()] == []
+    assert [p for p in settings.WBC_CUSTOM_MODELS_DIR.rglob("*")] == []
+
+
+def test_a_lambda_in_a_nested_models_compile_config_is_refused_and_nothing_is_stored(
+    model_admin_client, tmp_path, settings
+):
+    import keras
+
+    from tests.test_model_validation import nested_compiled_model, replace_nested_loss, serialised_lambda
+
+    plain, sneaky = tmp_path / "plain.keras", tmp_path / "backbone.keras"
+    nested_compiled_model(keras).save(plain)
+    replace_nested_loss(plain, sneaky, serialised_lambda(keras))
+    response = _upload_model(model_admin_client, sneaky, name="Nested sneaky")
+    assert response.status_code == 400
+    assert "Nested model &#x27;backbone&#x27; (its saved compile settings) contains serialised Python code" in (
+        response.text
+    )
+    assert not ClassifierModel.objects.filter(name="Nested sneaky").exists()
+    assert [p for p in settings.WBC_CUSTOM_MODELS_DIR.rglob("*")] == []
+    assert not settings.WBC_ONNX_DIR.exists() or [p for p in settings.WBC_ONNX_DIR.rglob("*")] == []
 
 
 def test_model_file_over_the_cap_is_refused(model_admin_client, tmp_path, settings):

@@ -75,24 +75,24 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save("ten.keras", _functional(keras, n_classes=10))
     save("linear.keras", _functional(keras, activation="linear"))
     save("custom.keras", _functional(keras, middle=Doubler(name="doubler")))
-    save("nested_compiled.keras", _nested_compiled(keras))
+    save("nested_compiled.keras", nested_compiled_model(keras))
     paths["nested_lambda_loss.keras"] = folder / "nested_lambda_loss.keras"
-    _replace_nested_loss(
+    replace_nested_loss(
         paths["nested_compiled.keras"],
         paths["nested_lambda_loss.keras"],
-        _serialised_lambda(keras),
+        serialised_lambda(keras),
     )
     return paths
 
 
-def _serialised_lambda(keras) -> dict:
+def serialised_lambda(keras) -> dict:
     """A Python lambda as Keras writes it into a config (a "__lambda__" object with its bytecode)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras warns that such a file needs safe_mode=False
         return keras.saving.serialize_keras_object(lambda y, p: y - p)
 
 
-def _nested_compiled(keras):
+def nested_compiled_model(keras):
     """A backbone that was compiled (as a loaded, pretrained model is) inside a new model: Keras stores its
     compile_config and deserialises it on load, even with compile=False."""
     inner_in = keras.Input((SIZE, SIZE, 3))
@@ -103,7 +103,7 @@ def _nested_compiled(keras):
     return keras.Model(outer_in, keras.layers.Dense(5, activation="softmax", name="head")(inner(outer_in)))
 
 
-def _replace_nested_loss(source: Path, target: Path, loss) -> None:
+def replace_nested_loss(source: Path, target: Path, loss) -> None:
     """Copy a real .keras archive, with ``loss`` in the nested model's stored compile_config."""
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as out:
         for info in src.infolist():
