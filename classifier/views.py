@@ -100,6 +100,7 @@ def prediction_detail(request: HttpRequest, uid) -> HttpResponse:
         "p": prediction,
         "threshold": threshold,
         "needs_review": prediction.needs_review(threshold),
+        "review_reason": prediction.flag_reason(float("inf")),  # the reason, whatever threshold the slider sets
         "probabilities": prediction.ranked_probabilities(),
         "method": method,
         "methods": SALIENCY_LABELS,

@@ -32,6 +32,7 @@ from .differential import build_differential, report_rows, summary_rows, to_csv
 from .heartbeat import worker_state
 from .labels import MAX_LABEL_BYTES, LabelFileError
 from .models import Batch, BatchItem, EvaluationRun
+from .review import SlideLocked, set_wbc_count
 from .serializers import (
     BatchDetailSerializer,
     BatchJsonSubmitSerializer,
@@ -40,6 +41,7 @@ from .serializers import (
     BatchSummarySerializer,
     EvaluationRunSerializer,
     LabelsUploadSerializer,
+    WbcCountSerializer,
 )
 from .services import Refused, create_evaluation
 from .submission import batch_limits, submit_batch, url_entries
@@ -71,6 +73,8 @@ def _same_submission(batch: Batch, data: dict, files: list) -> bool:
     if data.get("name") and data["name"][:200] != batch.name:
         return False
     if data.get("normalization") and data["normalization"] != batch.normalization:
+        return False
+    if data.get("wbc_count") is not None and data["wbc_count"] != batch.wbc_count:
         return False
     if (data.get("external_id") or "")[:100] != batch.external_id:
         return False
@@ -165,6 +169,22 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         threshold = validated_query(ThresholdQuerySerializer, request).get("threshold")
         return Response(self._detail(batch, threshold))  # nothing re-queued here: the worker recovers batches
 
+    @extend_schema(
+        summary="Set or clear the sample's total WBC count (gives absolute counts); refused once the slide is signed",
+        request=WbcCountSerializer,
+        responses={200: BatchDetailSerializer, 409: error_response("The slide is signed: amend it first.")},
+        tags=["batches"],
+    )
+    def partial_update(self, request, uid=None):
+        batch = self.get_batch()
+        serializer = WbcCountSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            set_wbc_count(batch, serializer.validated_data["wbc_count"])
+        except SlideLocked as exc:
+            raise Conflict(str(exc), code="slide_locked") from exc
+        return Response(self._detail(batch))
+
     def _idempotency_key(self, request) -> str:
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is None:
@@ -241,6 +261,8 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
                 idempotency_key=key,
                 normalization=data.get("normalization"),
             )
+            if data.get("wbc_count") is not None:
+                set_wbc_count(batch, data["wbc_count"])
         except IntegrityError:
             existing = scoped(Batch, request.user).filter(idempotency_key=key).first() if key else None
             if existing is None:

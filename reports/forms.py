@@ -32,8 +32,24 @@ class BatchForm(ModelAndNormalizationForm):
     urls = forms.CharField(
         required=False, widget=forms.Textarea(attrs={"rows": 3}), label="Image URLs (optional, one per line)"
     )
+    wbc_count = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=1000,
+        label="Total WBC count, ×10⁹/L (optional: gives absolute counts)",
+    )
 
-    field_order = ["name", "external_id", "files", "urls", "model", "normalization", "norm_mean", "norm_std"]
+    field_order = [
+        "name",
+        "external_id",
+        "wbc_count",
+        "files",
+        "urls",
+        "model",
+        "normalization",
+        "norm_mean",
+        "norm_std",
+    ]
 
     def clean_urls(self) -> list[str]:
         return [line.strip() for line in self.cleaned_data["urls"].splitlines() if line.strip()]

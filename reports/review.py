@@ -40,6 +40,7 @@ __all__ = [  # effective_class is defined beside the differential and offered he
     "live_snapshot",
     "reclassify",
     "report_snapshot",
+    "set_wbc_count",
     "sign",
     "slide_state",
     "state_of",
@@ -147,6 +148,22 @@ def filter_review(batches: QuerySet, review: str | None) -> QuerySet:
     if review == "unsigned":
         return batches.filter(latest_signed_at__isnull=True)
     return batches
+
+
+WBC_COUNT_MAX = 1000.0  # ×10⁹/L: Batch.wbc_count's validator
+
+
+def set_wbc_count(batch: Batch, value: float | None) -> Batch:
+    """Set (or clear) the sample's total WBC count, which gives the absolute counts; refused once signed."""
+    if value is not None and not 0.0 <= value <= WBC_COUNT_MAX:
+        raise ReviewRefused(f"The total WBC count must be between 0 and {WBC_COUNT_MAX:g} ×10⁹/L.")
+    with transaction.atomic():
+        locked = _locked_batch(batch)
+        _refuse_if_locked(locked, LabSettings.for_lab(batch.laboratory_id))
+        locked.wbc_count = value
+        locked.save(update_fields=["wbc_count"])
+    batch.wbc_count = value
+    return batch
 
 
 def _locked_batch(batch: Batch) -> Batch:

@@ -13,7 +13,6 @@ import json
 import uuid
 
 from django.contrib import messages
-from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -201,6 +200,23 @@ def review_amend(request: HttpRequest, uid) -> HttpResponse:
     return _signoff_response(request, batch, review.amend, request.POST.get("reason", ""))
 
 
+@require_POST
+def wbc_count(request: HttpRequest, uid) -> HttpResponse:
+    """Set (or clear, with an empty field) the sample's total WBC count on an unsigned slide."""
+    batch = _batch(request, uid)
+    if not request.user.has_perm(REVIEW_PERMISSION):
+        raise PermissionDenied("You may not change this slide.")
+    raw = request.POST.get("wbc_count", "").strip().replace(",", ".")
+    try:
+        review.set_wbc_count(batch, float(raw) if raw else None)
+    except ValueError as exc:  # not a number, or refused (ReviewRefused is a ValueError too)
+        message = str(exc) if isinstance(exc, review.ReviewRefused) else "The total WBC count must be a number."
+        status = exc.status if isinstance(exc, review.ReviewRefused) else 400
+        return render(request, "reports/review_refused.html", {"batch": batch, "reason": message}, status=status)
+    messages.success(request, "The total WBC count is saved." if raw else "The total WBC count is cleared.")
+    return redirect("reports:batch", uid=batch.uid)
+
+
 def cell_thumb(request: HttpRequest, uid, item_id: int) -> FileResponse:
     """A cell's gallery thumbnail, through the lab scope (never a public media URL)."""
     batch = _batch(request, uid)
@@ -210,13 +226,6 @@ def cell_thumb(request: HttpRequest, uid, item_id: int) -> FileResponse:
     response = FileResponse(item.thumbnail.open("rb"), content_type="image/webp")
     response["Cache-Control"] = "private, max-age=86400"
     return response
-
-
-@permission_required("classifier.view_prediction", raise_exception=True)
-def review_page(request: HttpRequest, uid) -> HttpResponse:
-    """The review gallery (the page and its script are the review page's own; this view only gives it the slide)."""
-    batch = _batch(request, uid)
-    return render(request, "reports/review.html", {"batch": batch})
 
 
 # --- the printable report and the slide's history ------------------------------------------------------------------

@@ -15,7 +15,15 @@ from classifier.serializers import (
     threshold_field,
 )
 
+from .differential import effective_class, verification_of
 from .models import Batch, BatchItem
+from .review import differential_payload, slide_state
+
+
+def _moment(value) -> str | None:
+    """A date-time as DRF writes it (the same format as the serializers' DateTimeFields)."""
+    return None if value is None else serializers.DateTimeField().to_representation(value)
+
 
 # --- batches ---------------------------------------------------------------------------------------------------
 
@@ -42,6 +50,13 @@ class BatchSubmitSerializer(serializers.Serializer):
     model = ScopedModelField(required=False, help_text="a model id from /models/ (default: your default model)")
     threshold = threshold_field(required=False)
     normalization = NormalizationField(required=False, allow_null=True, help_text="override the model's own")
+    wbc_count = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        min_value=0.0,
+        max_value=1000.0,
+        help_text="the sample's total WBC count, ×10⁹/L (optional: gives absolute counts)",
+    )
 
     def validate_urls(self, urls: list[str]) -> list[str]:
         return [line.strip() for url in urls for line in url.splitlines() if line.strip()]
@@ -52,6 +67,12 @@ class BatchSubmitSerializer(serializers.Serializer):
                 {"files": ["No files were sent: add images, a .zip archive or urls."]}, code="required"
             )
         return attrs
+
+
+class WbcCountSerializer(serializers.Serializer):
+    wbc_count = serializers.FloatField(
+        allow_null=True, min_value=0.0, max_value=1000.0, help_text="total WBC count, ×10⁹/L (null clears it)"
+    )
 
 
 class BatchJsonSubmitSerializer(BatchSubmitSerializer):
@@ -71,9 +92,39 @@ class ProgressSerializer(serializers.Serializer):
 
 class ClassTallySerializer(serializers.Serializer):
     class_name = serializers.CharField()
-    count = serializers.IntegerField()
-    fraction = serializers.FloatField(help_text="of the classified images, 0–1")
+    count = serializers.IntegerField(help_text="cells of this class by effective class (verified, else the AI's)")
+    fraction = serializers.FloatField(help_text="of the counted white cells, 0–1")
     percent = serializers.FloatField(help_text="the same in percent, 0–100")
+    reference_low = serializers.FloatField(allow_null=True, help_text="the lab's reference range, percent")
+    reference_high = serializers.FloatField(allow_null=True)
+    flag = serializers.CharField(help_text="H above, L below, N inside the range (edges are N); empty: no range")
+    absolute = serializers.FloatField(allow_null=True, help_text="×10⁹/L, when the batch has wbc_count")
+
+
+class CategoryTallySerializer(serializers.Serializer):
+    key = serializers.CharField()
+    label = serializers.CharField()
+    count = serializers.IntegerField()
+    per_100_wbc = serializers.FloatField(allow_null=True)
+
+
+class AgreementSerializer(serializers.Serializer):
+    verified = serializers.IntegerField(help_text="cells with a technologist's class")
+    agreeing = serializers.IntegerField(help_text="of those, the ones where it equals the AI's class")
+    share = serializers.FloatField(allow_null=True)
+    per_class = serializers.ListField(child=serializers.DictField(), help_text="the same per AI class")
+
+
+class ReviewStateSerializer(serializers.Serializer):
+    state = serializers.CharField(help_text="in review, awaiting countersign, final or amending")
+    version = serializers.IntegerField(allow_null=True, help_text="the latest report version (null: none yet)")
+    locked = serializers.BooleanField(help_text="the latest version is signed: no reclassification")
+    to_review = serializers.IntegerField(help_text="flagged cells without a technologist's class")
+    verified = serializers.IntegerField()
+    signed_by = serializers.CharField(allow_null=True)
+    signed_at = serializers.DateTimeField(allow_null=True)
+    countersigned_by = serializers.CharField(allow_null=True)
+    countersigned_at = serializers.DateTimeField(allow_null=True)
 
 
 class DifferentialSerializer(serializers.Serializer):
@@ -83,7 +134,13 @@ class DifferentialSerializer(serializers.Serializer):
     pending = serializers.IntegerField()
     needs_review = serializers.IntegerField(help_text="classified images below the threshold, or outliers")
     mean_processing_ms = serializers.FloatField()
+    wbc_counted = serializers.IntegerField(help_text="white cells in the differential (non-WBC categories left out)")
+    count_target = serializers.IntegerField(help_text="the lab's cells to count per slide (100 or 200)")
+    short = serializers.BooleanField(help_text="fewer white cells than the target")
     classes = ClassTallySerializer(many=True)
+    non_wbc = CategoryTallySerializer(many=True, help_text="non-WBC categories, per 100 WBC")
+    agreement = AgreementSerializer(help_text="AI vs technologist (pre-classification agreement)")
+    out_of_scope = serializers.DictField(help_text="share of flagged cells, the lab's limit, and whether it warns")
 
 
 class BatchResultSerializer(serializers.Serializer):
@@ -99,6 +156,10 @@ class BatchResultSerializer(serializers.Serializer):
     is_outlier = serializers.BooleanField(allow_null=True)
     probabilities = serializers.DictField(child=serializers.FloatField(), allow_null=True)
     processing_ms = serializers.FloatField(allow_null=True)
+    verified_class = serializers.CharField(allow_null=True, help_text="the technologist's class (null: not verified)")
+    verified_by = serializers.CharField(allow_null=True)
+    verified_at = serializers.DateTimeField(allow_null=True)
+    effective_class = serializers.CharField(allow_null=True, help_text="verified class, else the AI's")
 
 
 class BatchLinksSerializer(serializers.Serializer):
@@ -162,6 +223,8 @@ class BatchDetailSerializer(BatchSummarySerializer):
         help_text="null, unless the batch waits for a worker that is not running: then since when, in words"
     )
     links = serializers.SerializerMethodField()
+    wbc_count = serializers.FloatField(allow_null=True, help_text="total WBC count, ×10⁹/L (gives absolute counts)")
+    review = serializers.SerializerMethodField(help_text="review and sign-off state (null until the batch is finished)")
     differential = serializers.SerializerMethodField(help_text="null until the batch is finished")
     results = serializers.SerializerMethodField(help_text="every image in order (null until the batch is finished)")
 
@@ -195,15 +258,46 @@ class BatchDetailSerializer(BatchSummarySerializer):
             "pending": report.pending,
             "needs_review": report.needs_review,
             "mean_processing_ms": round(report.mean_ms, 3),
+            "wbc_counted": report.wbc_counted,
+            "count_target": report.count_target,
+            "short": report.short,
             "classes": [
                 {
                     "class_name": tally.name,
                     "count": tally.count,
                     "fraction": tally.percent,
                     "percent": round(tally.percent * 100, 2),
+                    "reference_low": tally.low,
+                    "reference_high": tally.high,
+                    "flag": tally.flag,
+                    "absolute": tally.absolute,
                 }
                 for tally in report.tallies
             ],
+            "non_wbc": [
+                {"key": c.key, "label": c.label, "count": c.count, "per_100_wbc": c.per_100_wbc} for c in report.non_wbc
+            ],
+            "agreement": differential_payload(report)["agreement"],
+            "out_of_scope": {**report.out_of_scope, "warning": report.out_of_scope_warning},
+        }
+
+    @extend_schema_field(ReviewStateSerializer(allow_null=True))
+    def get_review(self, batch: Batch) -> dict | None:
+        report = self.context.get("report")
+        if report is None:
+            return None
+        current = slide_state(batch)
+        latest = current.latest
+        return {
+            "state": current.state,
+            "version": current.version,
+            "locked": current.locked,
+            "to_review": report.to_review,
+            "verified": report.verified,
+            "signed_by": latest.signed_by.get_username() if latest and latest.signed_by else None,
+            "signed_at": _moment(latest.signed_at if latest else None),
+            "countersigned_by": latest.countersigned_by.get_username() if latest and latest.countersigned_by else None,
+            "countersigned_at": _moment(latest.countersigned_at if latest else None),
         }
 
     @extend_schema_field(BatchResultSerializer(many=True, allow_null=True))
@@ -228,7 +322,18 @@ class BatchDetailSerializer(BatchSummarySerializer):
                 "is_outlier": None,
                 "probabilities": None,
                 "processing_ms": None,
+                "verified_class": None,
+                "verified_by": None,
+                "verified_at": None,
+                "effective_class": None,
             }
+            verification = verification_of(item)
+            if verification is not None:
+                row.update(
+                    verified_class=verification.verified_class,
+                    verified_by=verification.verified_by.get_username(),
+                    verified_at=_moment(verification.verified_at),
+                )
             if p is not None:
                 row.update(
                     prediction=str(p.uid),
@@ -239,6 +344,7 @@ class BatchDetailSerializer(BatchSummarySerializer):
                     is_outlier=p.is_outlier,
                     probabilities=dict(zip(report.class_names, p.probabilities, strict=False)),
                     processing_ms=p.processing_ms,
+                    effective_class=effective_class(item),
                 )
             rows.append(row)
         return rows

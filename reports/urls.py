@@ -18,6 +18,7 @@ urlpatterns = [
     path("<uuid:uid>/review/countersign/", review_views.review_countersign, name="review_countersign"),
     path("<uuid:uid>/review/amend/", review_views.review_amend, name="review_amend"),
     path("<uuid:uid>/cells/<int:item_id>/thumb.webp", review_views.cell_thumb, name="cell_thumb"),
+    path("<uuid:uid>/wbc-count/", review_views.wbc_count, name="wbc_count"),
     path("<uuid:uid>/report/print/", review_views.report_print, name="report_print"),
     path("<uuid:uid>/history/", review_views.slide_history, name="slide_history"),
     path("<uuid:uid>/history.csv", review_views.slide_history_csv, name="slide_history_csv"),

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts.models import LabSettings
 from accounts.scoping import get_scoped_or_404, scoped
 from classifier.filters import ListFilterForm, filter_dates
 from classifier.forms import ThresholdForm
@@ -30,7 +31,7 @@ from .forms import BatchForm, EvaluationUploadForm
 from .heartbeat import worker_warning
 from .labels import MAX_LABEL_BYTES, LabelFileError
 from .models import Batch, BatchItem, EvaluationRun
-from .review import filter_review, with_review_counts
+from .review import filter_review, set_wbc_count, slide_state, with_review_counts
 from .services import Refused, create_evaluation, rerun_batch
 from .submission import batch_limits, submit_batch, url_entries
 from .uploads import UploadRefused, expand_uploads
@@ -86,8 +87,15 @@ def batch_list(request: HttpRequest) -> HttpResponse:
 @with_threshold
 def batch_report(request: HttpRequest, uid, threshold: float) -> HttpResponse:
     batch = get_scoped_or_404(Batch.objects.select_related("model", "user"), request.user, uid=uid)
-    report = build_differential(batch, threshold)
-    context = {"batch": batch, "report": report, "threshold": threshold, "worker_warning": worker_warning(batch)}
+    lab_settings = LabSettings.for_lab(batch.laboratory_id)
+    report = build_differential(batch, threshold, lab_settings=lab_settings)
+    context = {
+        "batch": batch,
+        "report": report,
+        "threshold": threshold,
+        "worker_warning": worker_warning(batch),
+        "slide": slide_state(batch, lab_settings),
+    }
     return render(request, "reports/batch_report.html", context)
 
 
@@ -219,6 +227,8 @@ def batch_new(request: HttpRequest) -> HttpResponse:
                     external_id=data["external_id"],
                     normalization=data["normalization_spec"],
                 )
+                if data.get("wbc_count") is not None:
+                    set_wbc_count(batch, data["wbc_count"])
                 _refuse_if_every_file_failed(batch)
                 remember_model(request.user, data["model"])
             except UploadRefused as exc:

@@ -13,7 +13,6 @@ from django.urls import reverse
 
 from accounts.models import ApiToken, LabSettings
 from audit.models import HISTORICAL_MODELS
-from classifier.models import ClassifierModel
 from reports.models import CellVerification, ReportVersion
 from tests.conftest import make_known_batch
 from tests.factories import TEST_PASSWORD, ClassifierModelFactory, UserFactory

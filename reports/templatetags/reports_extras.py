@@ -11,6 +11,13 @@ register = template.Library()
 
 
 @register.filter
+def review_reason(prediction) -> str:
+    """Why the cell would be flagged, in words (the outlier detector, else low confidence); the page's slider
+    decides whether the flag shows."""
+    return prediction.flag_reason(float("inf"))
+
+
+@register.filter
 def get_item(mapping, key):
     """``{{ dict|get_item:key }}``; None when the key (or the mapping) is missing."""
     try:
