@@ -31,7 +31,6 @@ from schemathesis.config import SchemathesisConfig
 from accounts.models import ApiToken
 from classifier import api as api_module
 from classifier.fetch import UrlRefused
-from reports import submission
 from reports.services import create_evaluation
 from tests.conftest import image_bytes, make_known_batch
 
@@ -40,7 +39,7 @@ KNOWN_IMAGE_HOST = "https://images.example.org/"
 TIME_BUDGET_S = 60.0
 
 
-def _fake_fetch(url: str) -> tuple[str, bytes]:
+def _fake_fetch(url: str, **_limits) -> tuple[str, bytes]:
     if isinstance(url, str) and url.startswith(KNOWN_IMAGE_HOST):
         return "cell.png", image_bytes()
     raise UrlRefused(str(url), "could not resolve the host name (no network in the contract test).")
@@ -51,8 +50,7 @@ def hermetic_api(settings, monkeypatch):
     """No network (fuzzed URLs must never leave this machine), no throttling.
 
     The WSGI app shares the test's database transaction."""
-    monkeypatch.setattr(api_module, "fetch_url", _fake_fetch)
-    monkeypatch.setattr(submission, "fetch_url", _fake_fetch)
+    monkeypatch.setattr(api_module, "fetch_url", _fake_fetch)  # a batch's URLs are fetched by the worker, not here
     settings.WBC_API_RATE = ""
     settings.WBC_API_SUBMIT_RATE = ""
     settings.CACHES = {
