@@ -58,10 +58,13 @@ from .services import UploadedImage, classify_image, ensure_saliency, read_uploa
 
 
 def default_model_for(user) -> ClassifierModel:
-    """The user's default model if still usable, else the first usable one (as the web dropdown preselects)."""
+    """The model of an API request or batch sent without one: the laboratory's default (chosen by a Model admin) if
+    still usable, else the first usable one. Never the user's remembered web dropdown choice (that is for the web
+    pages only), so a click in the browser cannot change what the LIS gets."""
     models = usable_models(user)
-    if user.default_model_id and models.filter(pk=user.default_model_id).exists():
-        return models.get(pk=user.default_model_id)
+    lab = user.laboratory if user.laboratory_id else None
+    if lab is not None and lab.default_model_id and models.filter(pk=lab.default_model_id).exists():
+        return models.get(pk=lab.default_model_id)
     first = models.first()
     if first is None:
         raise ApiError("No model is available to your laboratory; ask a model admin to activate one.", code="no_model")
@@ -225,7 +228,8 @@ class MeView(APIView):
     @extend_schema(summary="Who the token belongs to, the defaults and the limits", responses=MeSerializer, tags=["me"])
     def get(self, request):
         user = request.user
-        default = user.default_model if user.default_model_id else None
+        # the model a request without model= gets: the lab's default, not the user's web dropdown choice
+        default = default_model_for(user) if usable_models(user).exists() else None
         body = {
             "username": user.get_username(),
             "laboratory": str(user.laboratory) if user.laboratory_id else None,

@@ -10,6 +10,7 @@ urlpatterns = [
     path("models/", views.model_list, name="models"),
     path("models/upload/", views.model_upload, name="model_upload"),
     path("models/<int:pk>/toggle/", views.model_toggle, name="model_toggle"),
+    path("models/<int:pk>/lab-default/", views.model_make_lab_default, name="model_lab_default"),
     path("settings/threshold/", views.update_threshold, name="threshold"),
     path("predictions/<uuid:uid>/", views.prediction_detail, name="prediction"),
     path("predictions/<uuid:uid>/image/", views.prediction_image, name="prediction_image"),

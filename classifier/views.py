@@ -196,7 +196,24 @@ def model_list(request: HttpRequest) -> HttpResponse:
         "-is_bundled", "name", "-created_at"
     )
     can_manage = request.user.has_perm("classifier.change_classifiermodel")
-    return render(request, "classifier/model_list.html", {"records": records, "can_manage": can_manage})
+    lab_default_id = request.user.laboratory.default_model_id if request.user.laboratory_id else None
+    context = {"records": records, "can_manage": can_manage, "lab_default_id": lab_default_id}
+    return render(request, "classifier/model_list.html", context)
+
+
+@require_POST
+@permission_required("classifier.change_classifiermodel", raise_exception=True)
+def model_make_lab_default(request: HttpRequest, pk: int) -> HttpResponse:
+    """A Model admin makes a model the lab's default: the API and batches sent without a model use it (not the
+    users' remembered web choices). The change goes through save() so the audit trail records who and when."""
+    record = get_scoped_or_404(ClassifierModel.objects.usable(), request.user, pk=pk)
+    lab = request.user.laboratory
+    lab.default_model = record
+    lab._history_user = request.user  # read by django-simple-history when Laboratory is registered
+    lab._change_reason = f"lab default model -> {record}"[:100]
+    lab.save(update_fields=["default_model"])
+    messages.success(request, f"{record} is now your laboratory's default model (API and batches without a model).")
+    return redirect("classifier:models")
 
 
 @require_http_methods(["GET", "POST"])

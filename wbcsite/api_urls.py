@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 from accounts import api as accounts_api
 from accounts.authentication import ApiRateThrottle, IsLabMember
 from classifier import api
+from lis import api as lis_api
 from reports import api as reports_api
 
 
@@ -35,6 +36,7 @@ router = Router()
 router.register("models", api.ClassifierModelViewSet, basename="model")
 router.register("predictions", api.PredictionViewSet, basename="prediction")
 router.register("batches", reports_api.BatchViewSet, basename="batch")
+router.register("batches", lis_api.LisBatchViewSet, basename="batch-lis")
 router.register("evaluations", reports_api.EvaluationRunViewSet, basename="evaluation")
 router.register("tokens", accounts_api.ApiTokenViewSet, basename="token")
 
