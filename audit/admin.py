@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from accounts.admin import LabAdminMixin
+
 from .models import HISTORICAL_MODELS
 
 LAB_PATHS = {  # how each historical table reaches its laboratory
@@ -16,7 +18,7 @@ LAB_PATHS = {  # how each historical table reaches its laboratory
 }
 
 
-class AuditAdmin(admin.ModelAdmin):
+class AuditAdmin(LabAdminMixin, admin.ModelAdmin):
     list_display = ["history_date", "history_type", "history_user_id", "history_change_reason", "__str__"]
     list_filter = ["history_type"]
     date_hierarchy = "history_date"

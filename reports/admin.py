@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.utils import timezone
 
-from accounts.admin import LabScopedAdmin
+from accounts.admin import LabAdminMixin, LabScopedAdmin
 
 from .models import CellVerification, EvaluationRun, ReportVersion
 from .review import slide_state
@@ -33,8 +33,9 @@ class EvaluationRunAdmin(LabScopedAdmin):
         return False
 
 
-class SlideScopedAdmin(admin.ModelAdmin):
-    """Rows that belong to a slide: staff who are not superusers see only their own laboratory's slides."""
+class SlideScopedAdmin(LabAdminMixin, admin.ModelAdmin):
+    """Rows that belong to a slide: staff who are not superusers see only their own laboratory's slides (another
+    lab's row is a 404)."""
 
     lab_path = "batch__laboratory_id"
 

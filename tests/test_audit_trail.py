@@ -207,3 +207,27 @@ def test_postgresql_refuses_raw_update_and_delete_of_the_trail(tech_client, slid
         with pytest.raises(DatabaseError, match="append-only"), transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(statement.format(table=table))
     assert CellVerification.history.count() == 1
+
+
+def test_another_labs_review_rows_are_a_404_in_the_admin(client, tech_client, slide, lab_b):
+    _classify(tech_client, slide, [_cell(slide, "low.png")], "monocyte")
+    _post(tech_client, slide, "review_sign", password=TEST_PASSWORD)
+    staff = UserFactory(username="staff_b", laboratory=lab_b, is_staff=True)
+    from django.contrib.auth.models import Permission
+
+    staff.user_permissions.set(
+        Permission.objects.filter(
+            codename__in=["view_cellverification", "view_reportversion", "view_historicalcellverification"]
+        )
+    )
+    client.force_login(staff)
+    verification, version = CellVerification.objects.get(), ReportVersion.objects.get()
+    history_row = CellVerification.history.first()
+    for name, pk in [
+        ("admin:reports_cellverification_change", verification.pk),
+        ("admin:reports_reportversion_change", version.pk),
+        ("admin:audit_historicalcellverification_change", history_row.pk),
+    ]:
+        assert client.get(reverse(name, args=[pk])).status_code == 404
+    listing = client.get(reverse("admin:reports_cellverification_changelist"))
+    assert listing.status_code == 200 and "low.png" not in listing.text
