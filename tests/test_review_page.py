@@ -8,8 +8,11 @@ import time
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Group
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.test import Client
 from django.urls import reverse
+from playwright.sync_api import expect
 
 from classifier.models import Prediction
 from reports.models import Batch, CellVerification, ReportVersion
@@ -134,10 +137,10 @@ def test_review_a_flagged_cell_reload_sign_refused_while_signed_then_amend(
     assert page.locator(".cell.selected").count() == len(flagged) - 1
     with _saving(page):
         page.keyboard.press("5")
-    page.wait_for_function("document.querySelectorAll('.cell-group[data-group=\"__review\"] .cell').length === 0")
+    expect(page.locator(_tile(REVIEW))).to_have_count(0)
     page.fill("#sign-password", TEST_PASSWORD)
     page.click("#sign-button")
-    page.wait_for_function("document.querySelector('#version').textContent === 'Version 1'")
+    expect(page.locator("#version")).to_have_text("Version 1")
     assert page.inner_text("#slide-state").lower() == "final"
     assert page.is_visible("#locked-banner") and page.is_visible("#amend-form") and page.is_hidden("#sign-form")
     assert "locked" in page.get_attribute("#gallery", "class")
@@ -157,7 +160,7 @@ def test_review_a_flagged_cell_reload_sign_refused_while_signed_then_amend(
     assert ReportVersion.objects.count() == 1
     page.fill("#amend-reason", "Second look: one lymphocyte was a monocyte")
     page.click("#amend-button")
-    page.wait_for_function("document.querySelector('#version').textContent === 'Version 2'")
+    expect(page.locator("#version")).to_have_text("Version 2")
     assert page.inner_text("#slide-state").lower() == "amending"
     assert ReportVersion.objects.get(number=2).amendment_reason == "Second look: one lymphocyte was a monocyte"
     page.click(_tile(target, cell.pk))
@@ -200,7 +203,8 @@ def test_shift_selects_several_cells_and_undo_puts_them_back(
 
     with _saving(page):
         page.keyboard.press("3")  # lymphocyte
-    page.wait_for_function("document.querySelectorAll('.cell-group[data-group=\"lymphocyte\"] .cell').length >= 4")
+    for item_id in chosen:
+        page.wait_for_selector(_tile("lymphocyte", item_id))
     assert set(CellVerification.objects.values_list("item_id", flat=True)) == set(chosen)
     moved_in = sum(1 for i in chosen if Prediction.objects.get(batch_item=i).predicted_class != "lymphocyte")
     assert _row_count(page, "lymphocyte") == lymphocytes + moved_in
@@ -216,9 +220,7 @@ def test_shift_selects_several_cells_and_undo_puts_them_back(
     assert CellVerification.objects.get(item_id=chosen[0]).verified_class == "lymphocyte"
     with _saving(page):
         page.click("#undo-button")
-    page.wait_for_function(
-        f"document.querySelectorAll('.cell-group[data-group=\"__review\"] .cell').length === {len(review_ids)}"
-    )
+    expect(page.locator(_tile(REVIEW))).to_have_count(len(review_ids))
     assert not CellVerification.objects.exists()
     assert _row_count(page, "lymphocyte") == lymphocytes
     assert page.is_disabled("#undo-button")
@@ -248,6 +250,7 @@ def test_countersign_is_offered_to_a_supervisor_who_did_not_sign(
 
     LabSettings.objects.update_or_create(laboratory=lab_a, defaults={"two_person_signoff": True})
     slide = make_known_batch(technologist, tiny_record, [("n1.png", 4, 0.99, False), ("n2.png", 4, 0.98, False)])
+    default_storage.save("cells/x.png", ContentFile(image_bytes()))  # the image the known predictions point to
     supervisor = UserFactory(username="super_a", laboratory=lab_a)
     supervisor.groups.add(Group.objects.get(name="Supervisor"))
 
@@ -255,7 +258,7 @@ def test_countersign_is_offered_to_a_supervisor_who_did_not_sign(
     _open_review(page, live_server, slide)
     page.fill("#sign-password", TEST_PASSWORD)
     page.click("#sign-button")
-    page.wait_for_function("document.querySelector('#slide-state').textContent === 'Awaiting countersign'")
+    expect(page.locator("#slide-state")).to_have_text("Awaiting countersign")
     assert page.is_hidden("#countersign-form")  # the signer is not offered the second signature
     page.context.close()
 
@@ -267,7 +270,7 @@ def test_countersign_is_offered_to_a_supervisor_who_did_not_sign(
     assert "password" in page.inner_text("#review-error")
     page.fill("#countersign-password", TEST_PASSWORD)
     page.click("#countersign-button")
-    page.wait_for_function("document.querySelector('#slide-state').textContent === 'Final'")
+    expect(page.locator("#slide-state")).to_have_text("Final")
     assert ReportVersion.objects.get().countersigned_by == supervisor
     page.context.close()
 

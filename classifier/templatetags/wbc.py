@@ -46,3 +46,10 @@ def compact_count(value) -> str:
     if abs(number) >= 1_000:
         return f"{number / 1e3:.2f} k"
     return str(number)
+
+
+@register.filter
+def headline(value) -> str:
+    """The first words of a status sentence, before its details: 'ONNX Runtime (max |Δp| …)' -> 'ONNX Runtime'."""
+    text = str(value or "")
+    return text.split(" (", 1)[0].split(":", 1)[0].strip()
