@@ -106,16 +106,23 @@ def _post_json(url: str, body: dict, headers: dict, timeout: float) -> tuple[int
     return status, json.loads(payload or b"{}"), time.monotonic() - started
 
 
+def _database_url() -> str:
+    """The test database, for a subprocess (the file-backed SQLite test database, or PostgreSQL's)."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
 @pytest.fixture
 def web(settings, tiny_record, tmp_path):
     """The platform served by gunicorn (as scripts/run does) on the test database; yields its base URL."""
-    assert connection.vendor == "sqlite", "the gunicorn subprocess shares the file-backed SQLite test database"
     call_command("createcachetable")  # the API rate counters' table (REDIS_URL unset)
     port = _free_port()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "DATABASE_URL": _database_url(),
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "WBC_MODELS_DIR": str(settings.WBC_MODELS_DIR),
         "WBC_WORKER_WAKEUP_DIR": str(settings.WBC_WORKER_WAKEUP_DIR),
