@@ -215,7 +215,11 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
         description=(
             "Multipart with repeated `files` (images and .zip archives) and/or `urls`; JSON with `urls`. "
             "Answers 202 with the batch (and a Location header) at once; poll the batch until `status` is "
-            "`done`. Files that cannot be read become failed items with their reason; if every file is bad "
+            "`done`. URLs are downloaded by the worker, not during the request (each within "
+            "`WBC_URL_FETCH_SECONDS`, all of a batch within `WBC_BATCH_URL_BUDGET_SECONDS`): until then they are "
+            "pending, and one that cannot be downloaded becomes a failed item with its reason. `user:password@` "
+            "in a URL is refused and never stored. "
+            "Files that cannot be read become failed items with their reason; if every file is bad "
             f"the request is refused (400) and nothing is stored. Send an `{IDEMPOTENCY_HEADER}` header to make "
             "retries safe."
         ),
