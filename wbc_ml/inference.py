@@ -74,6 +74,16 @@ class Result:
     is_outlier: bool
 
 
+NON_FINITE_MESSAGE = (
+    "The model's output for this image is not a finite number (NaN or infinity), so it cannot be classified; "
+    "check the normalisation (mean/std) or the model."
+)
+
+
+class NonFiniteOutput(ImageRejected):
+    """The model gave NaN or infinite numbers for an image; nothing may be stored for it."""
+
+
 def _import_keras():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -98,16 +108,6 @@ def serving_model(model, with_features: bool = True):
         return keras.Model(model.inputs, model.outputs)
     gap = model.get_layer("gap")
     return keras.Model(model.inputs, [detector_features(gap.output, gap.input), model.outputs[0]])
-
-
-NON_FINITE_MESSAGE = (
-    "The model's output for this image is not a finite number (NaN or infinity), so it cannot be classified; "
-    "check the normalisation (mean/std) or the model."
-)
-
-
-class NonFiniteOutput(ImageRejected):
-    """The model gave NaN or infinite numbers for an image; nothing may be stored for it."""
 
 
 def detector_features(pooled, feature_map):
@@ -289,6 +289,9 @@ class Classifier:
                     scores[finite], outliers[finite] = self.ood.assess(features[finite])
                 finite &= np.isfinite(scores)
             for i, p in enumerate(probs):
+                if not finite[i]:
+                    results.append(NON_FINITE_MESSAGE)
+                    continue
                 index = int(np.argmax(p))
                 results.append(
                     Result(
@@ -328,6 +331,3 @@ def get_classifier(spec: ModelSpec) -> Classifier:
 def clear_cache() -> None:
     with _cache_lock:
         _loaded.clear()
-                if not finite[i]:
-                    results.append(NON_FINITE_MESSAGE)
-                    continue
