@@ -229,7 +229,6 @@ WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
 # Where background workers listen for "a batch is queued" (Unix datagram sockets; polling is the fallback).
 WBC_WORKER_WAKEUP_DIR = Path(env_str("WBC_WORKER_WAKEUP_DIR", str(BASE_DIR / "var" / "wakeup")))
 WBC_WORKER_IDLE_SECONDS = env_int("WBC_WORKER_IDLE_SECONDS", 2)  # a look at the queue without a wake-up
-# A few extra fields beside the files; the batch view reports "too many files" itself.
 # Image URLs: one download must finish within WBC_URL_FETCH_SECONDS; a user runs at most WBC_URL_FETCHES_PER_USER
 # single-image downloads at once (per web process). A batch's URLs are fetched by the worker within a total budget.
 WBC_URL_FETCH_SECONDS = env_int("WBC_URL_FETCH_SECONDS", 15)
@@ -241,6 +240,7 @@ WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a batch whose t
 WBC_WORKER_HEARTBEAT_SECONDS = env_int("WBC_WORKER_HEARTBEAT_SECONDS", 5)
 WBC_WORKER_STALE_SECONDS = env_int("WBC_WORKER_STALE_SECONDS", 30)
 WBC_WORKER_RECOVERY_SECONDS = env_int("WBC_WORKER_RECOVERY_SECONDS", 15)
+# A few extra fields beside the files; the batch view reports "too many files" itself.
 DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)
 
@@ -249,10 +249,10 @@ TASKS = {"default": {"BACKEND": env_str("TASKS_BACKEND", "django_tasks_db.Databa
 
 # HTTPS: the run command serves TLS itself; behind a proxy set SECURE_PROXY_SSL_HEADER via env.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probes may talk plain HTTP to gunicorn behind a proxy
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", PRODUCTION)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", PRODUCTION)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probes may talk plain HTTP to gunicorn behind a proxy
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", PRODUCTION)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", PRODUCTION)
 SECURE_CONTENT_TYPE_NOSNIFF = True
