@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 
 from accounts.admin import LabScopedAdmin
+from accounts.models import Laboratory
 
 from .delivery import ResendRefused, resend
 from .forms import DestinationForm
@@ -29,6 +30,11 @@ class DestinationAdmin(LabScopedAdmin):
     form = DestinationAdminForm
     list_display = ["name", "laboratory", "kind", "address", "is_active"]
     list_filter = ["kind", "is_active", "laboratory"]
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "laboratory" and not request.user.is_superuser:
+            kwargs["queryset"] = Laboratory.objects.filter(pk=request.user.laboratory_id)  # only their own lab
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
 @admin.register(LisSettings)

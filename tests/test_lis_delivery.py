@@ -198,11 +198,20 @@ def test_backoff_grows_with_jitter(settings):
     assert len(set(delays[3])) > 10  # jitter: retries of many messages do not all land at once
 
 
+def _database_url() -> str:
+    """The test database (file-backed SQLite, or the PostgreSQL test database) for a worker process."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
 def _worker(env_extra: dict) -> subprocess.Popen:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "DATABASE_URL": _database_url(),
         "WBC_LIS_RETRY_BASE_SECONDS": "0.05",
         "WBC_LIS_RETRY_MAX_SECONDS": "0.2",
         "WBC_LIS_LEASE_MARGIN_SECONDS": "0",
@@ -212,7 +221,6 @@ def _worker(env_extra: dict) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.skipif(connection.vendor != "sqlite", reason="the worker process shares the file-backed SQLite database")
 def test_a_worker_killed_mid_send_loses_nothing(lab_a, signer, tiny_record, listener_factory):
     listener = listener_factory(script=["hang"])  # receives the first message and never answers
     Destination.objects.create(
