@@ -95,7 +95,7 @@ def test_log_in_drop_an_image_see_class_saliency_and_threshold_warning(
 
     # the saliency map really loads as an image
     page.wait_for_function(
-        "(() => { const i = document.querySelector('#saliency-image'); return i.complete && i.naturalWidth > 0; })()",
+        "() => { const i = document.querySelector('#saliency-image'); return i.complete && i.naturalWidth > 0; }",
         timeout=60_000,
     )
     assert page.eval_on_selector("#saliency-image", "img => img.naturalWidth") == 120
@@ -159,7 +159,7 @@ def test_batch_drop_several_files_progress_finishes_slider_and_csv(
     assert page.inner_text("#review-count") == "0"
 
     page.fill("#threshold", "0.99")  # every row is below 0.99 with this model: all re-flagged live
-    page.wait_for_function("document.querySelector('#review-count').textContent === '4'")
+    page.wait_for_function("() => document.querySelector('#review-count').textContent === '4'")
     assert page.locator("#report-table tr.needs-review").count() == 4
 
     with page.expect_download() as download_info:

@@ -1,8 +1,10 @@
 """/api/v1/: the LIS API (one router), its OpenAPI schema, and the Swagger UI and Redoc pages."""
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from django.views.decorators.csp import csp_override
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 from rest_framework.exceptions import NotFound
 from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView
@@ -44,9 +46,14 @@ app_name = "api"
 urlpatterns = [
     path("me/", api.MeView.as_view(), name="me"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    # The documentation pages are for people: a browser without a session is sent to log in.
-    path("docs/", login_required(SpectacularSwaggerView.as_view(url_name="api:schema")), name="docs"),
-    path("redoc/", login_required(SpectacularRedocView.as_view(url_name="api:schema")), name="redoc"),
+    # The documentation pages are for people: a browser without a session is sent to log in. Swagger UI's start-up
+    # script is a separate request (no inline script); Redoc injects <style> elements, so its page allows them.
+    path("docs/", login_required(SpectacularSwaggerSplitView.as_view(url_name="api:schema")), name="docs"),
+    path(
+        "redoc/",
+        login_required(csp_override(settings.WBC_REDOC_CSP)(SpectacularRedocView.as_view(url_name="api:schema"))),
+        name="redoc",
+    ),
     *router.urls,
     re_path(r"^.*$", NotFoundView.as_view(), name="not-found"),
 ]
