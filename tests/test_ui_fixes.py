@@ -41,12 +41,14 @@ def test_parameter_counts_read_at_a_glance(count, text):
     assert compact_count(count) == text
 
 
-def test_models_table_shows_compact_parameter_counts_and_scrolls_inside_its_card(tech_client):
-    ClassifierModelFactory(name="MobileNetV2 (head)", parameters=2264389)
+def test_models_table_shows_compact_parameter_counts_and_a_short_serving_label(tech_client):
+    serving = "ONNX Runtime (max |Δp| vs TensorFlow on probe batch: 3.2e-07)"
+    ClassifierModelFactory(name="MobileNetV2 (head)", parameters=2264389, onnx_status=serving)
     html = tech_client.get(reverse("classifier:models")).content.decode()
     text = _visible_text(html)
     assert "2.26 M" in text and "2264389" not in text
     assert 'title="2264389 parameters"' in html  # the exact count is one hover away
+    assert "ONNX Runtime" in text and "probe batch" not in text and "probe batch" in html  # details on hover
     assert re.search(r'<div class="table-scroll">\s*<table[^>]*id="models-table"', html)
 
 

@@ -38,6 +38,11 @@
     return category ? category.label : key;
   };
   const show = (node, visible) => { node.hidden = !visible; };
+  const pad = (n) => String(n).padStart(2, "0");
+  const stamp = (iso) => {  // 2026-11-30 15:05, in the browser's time zone
+    const t = new Date(iso);
+    return `${t.getFullYear()}-${pad(t.getMonth() + 1)}-${pad(t.getDate())} ${pad(t.getHours())}:${pad(t.getMinutes())}`;
+  };
 
   function message(kind, text) {
     const error = $("review-error"), notice = $("review-notice");
@@ -73,7 +78,7 @@
     head.append(el("span", "group-name", label));
     const count = el("span", "group-count", "0");
     head.append(count);
-    if (key === REVIEW) head.append(el("span", "group-note muted", `flagged at ${state.threshold.toFixed(2)}, not verified yet`));
+    if (key === REVIEW) head.append(el("span", "group-note muted"));
     const grid = el("ul", "cell-grid");
     grid.setAttribute("role", "listbox");
     grid.setAttribute("aria-multiselectable", "true");
@@ -401,7 +406,13 @@
     $("out-of-scope-share").textContent = percent(scope.share || 0);
     $("out-of-scope-limit").textContent = percent(scope.limit || 0);
     const review = groups.get(REVIEW);
-    if (review) review.section.classList.toggle("done", d.to_review === 0);
+    if (review) {
+      review.section.classList.toggle("done", d.to_review === 0);
+      review.section.querySelector(".group-note").textContent = d.to_review === 0
+        ? `every cell flagged at ${state.threshold.toFixed(2)} is reviewed`
+        : `flagged at ${state.threshold.toFixed(2)} (low confidence or unlike the five white-cell classes), not verified yet`;
+    }
+    show($("absolute-hint"), !absolute && !state.locked);
   }
 
   // --- sign-off ---------------------------------------------------------------------------------------------------
@@ -416,11 +427,11 @@
     version.textContent = state.version ? `Version ${state.version}` : "";
     station.classList.toggle("is-locked", state.locked);
 
-    const when = state.signed_at ? new Date(state.signed_at).toLocaleString() : "";
+    const when = state.signed_at ? stamp(state.signed_at) : "";
     const banner = $("locked-banner");
     show(banner, state.locked);
     banner.textContent = state.locked
-      ? `Version ${state.version} was signed by ${state.signed_by} (${when})${state.countersigned_by ? `, countersigned by ${state.countersigned_by}` : ""}. The slide is locked: to change a cell, amend the report with a reason.`
+      ? `Locked. Version ${state.version} was signed by ${state.signed_by} on ${when}${state.countersigned_by ? `, countersigned by ${state.countersigned_by}` : ""}. To change a cell, amend the report with a reason.`
       : "";
 
     const toReview = state.differential.to_review;
@@ -448,6 +459,8 @@
       try {
         const answer = await send(state.urls[urlKey], { [field]: input.value }, false);
         input.value = "";
+        undoStack.length = 0;  // a signature (or a new version) starts a fresh history of changes
+        $("undo-button").disabled = true;
         await load();
         message("notice", done(answer));
       } catch (error) {
