@@ -157,9 +157,14 @@ class Prediction(models.Model):
 
     def flag_reason(self, threshold: float) -> str:
         """Why this cell goes to review, in words ("" when it does not): the detector's verdict comes first."""
-        if self.is_outlier:
-            return self.OUTLIER_REASON
-        return self.LOW_CONFIDENCE_REASON if self.confidence < threshold else ""
+        return self.reason_for(self.confidence, self.is_outlier, threshold)
+
+    @classmethod
+    def reason_for(cls, confidence: float, is_outlier: bool, threshold: float) -> str:
+        """The same sentence from plain values (lists that read rows, not model instances)."""
+        if is_outlier:
+            return cls.OUTLIER_REASON
+        return cls.LOW_CONFIDENCE_REASON if confidence < threshold else ""
 
     @property
     def normalization_label(self) -> str:

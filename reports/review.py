@@ -23,7 +23,7 @@ from accounts.models import CellCategory, LabSettings
 from accounts.roles import SUPERVISOR
 from wbc_ml.datasets import WBC_CLASSES
 
-from .differential import Differential, build_differential, effective_class, review_items
+from .differential import Differential, build_differential, effective_class, lab_categories, review_items
 from .models import Batch, BatchItem, CellVerification, ReportVersion
 
 __all__ = [  # effective_class is defined beside the differential and offered here with the other review services
@@ -101,13 +101,11 @@ def state_of(latest: ReportVersion | None, two_person: bool) -> SlideState:
     return SlideState(state, latest, two_person)
 
 
-def categories_for(laboratory_id: int) -> list[dict[str, Any]]:
+def categories_for(laboratory_id: int, categories: list[CellCategory] | None = None) -> list[dict[str, Any]]:
     """What a cell can be put in: the five WBC classes (keys 1–5), then the lab's active non-WBC categories."""
+    categories = lab_categories(laboratory_id) if categories is None else categories
     wbc = [{"key": n, "label": WBC_LABELS[n], "hotkey": WBC_HOTKEYS[n], "is_wbc": True} for n in WBC_CLASSES]
-    other = [
-        {"key": c.key, "label": c.label, "hotkey": c.hotkey, "is_wbc": False}
-        for c in CellCategory.for_lab(laboratory_id)
-    ]
+    other = [{"key": c.key, "label": c.label, "hotkey": c.hotkey, "is_wbc": False} for c in categories if c.is_active]
     return wbc + other
 
 
@@ -181,7 +179,15 @@ def _refuse_if_locked(batch: Batch, lab_settings: LabSettings) -> SlideState:
     return current
 
 
-def reclassify(user, batch: Batch, item_ids: Iterable[int], new_class: str | None) -> list[BatchItem]:
+def reclassify(
+    user,
+    batch: Batch,
+    item_ids: Iterable[int],
+    new_class: str | None,
+    *,
+    lab_settings: LabSettings | None = None,
+    categories: list[CellCategory] | None = None,
+) -> list[BatchItem]:
     """Give many cells of one slide the technologist's class at once (one transaction, one audit row per changed
     cell). ``new_class=None`` removes the verifications (undo), which the audit trail records too."""
     try:
@@ -191,10 +197,10 @@ def reclassify(user, batch: Batch, item_ids: Iterable[int], new_class: str | Non
     if not ids:
         raise ReviewRefused("Choose at least one cell.")
     if new_class is not None:
-        active = {c["key"] for c in categories_for(batch.laboratory_id)}
+        active = {c["key"] for c in categories_for(batch.laboratory_id, categories)}
         if new_class not in active:
             raise ReviewRefused(f"“{new_class}” is not one of your laboratory's classes or categories.")
-    lab_settings = LabSettings.for_lab(batch.laboratory_id)
+    lab_settings = lab_settings or LabSettings.for_lab(batch.laboratory_id)
     now = timezone.now()
     with transaction.atomic():
         batch = _locked_batch(batch)
@@ -399,7 +405,7 @@ def report_snapshot(
         "model": {"name": model.name, "version": model.version, "sha256": model.sha256 or None},
         "threshold": batch.threshold,
         "wbc_count": batch.wbc_count,
-        "failed": len(report.failed),
+        "failed": report.failed_count,
         "two_person_signoff": lab_settings.two_person_signoff,
         **differential_payload(report),
         "verifiers": [{"user": name, "cells": n} for name, n in sorted(verifiers.items())],

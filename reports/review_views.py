@@ -22,10 +22,19 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts.models import LabSettings
 from accounts.scoping import get_scoped_or_404
+from classifier.models import Prediction
 
 from . import review
-from .differential import build_differential, excel_safe, review_items, verification_of
-from .models import Batch, BatchItem
+from .differential import (
+    CellRow,
+    build_differential,
+    category_labels,
+    cell_rows,
+    excel_safe,
+    lab_categories,
+    row_of,
+)
+from .models import Batch
 from .slide_history import history_entries
 
 REVIEW_PERMISSION = "classifier.add_prediction"
@@ -54,25 +63,23 @@ class CellUrls:
         self.thumb = reverse("reports:cell_thumb", args=[batch.uid, 0])
         self.thumb_prefix = self.thumb.rsplit("/0/", 1)
 
-    def cell(self, item: BatchItem, threshold: float) -> dict:
-        p = item.prediction
-        v = verification_of(item)
-        uid = str(p.uid)
+    def cell(self, row: CellRow, threshold: float) -> dict:
+        uid = str(row.prediction_uid)
         image = self.image.replace(str(PLACEHOLDER), uid)
-        thumb = f"{self.thumb_prefix[0]}/{item.pk}/{self.thumb_prefix[1]}" if item.thumbnail else image
+        thumb = f"{self.thumb_prefix[0]}/{row.id}/{self.thumb_prefix[1]}" if row.thumbnail else image
         return {
-            "id": item.pk,
-            "filename": item.original_filename,
+            "id": row.id,
+            "filename": row.filename,
             "thumb_url": thumb,
             "image_url": image,
             "gradcam_url": self.gradcam.replace(str(PLACEHOLDER), uid),
-            "ai_class": p.predicted_class,
-            "confidence": round(p.confidence, 4),
-            "flagged": p.needs_review(threshold),
-            "flag_reason": p.flag_reason(threshold),
-            "verified_class": v.verified_class if v else None,
-            "verified_by": v.verified_by.get_username() if v else None,
-            "verified_at": v.verified_at.isoformat(timespec="seconds") if v else None,
+            "ai_class": row.predicted_class,
+            "confidence": round(row.confidence, 4),
+            "flagged": row.flagged(threshold),
+            "flag_reason": Prediction.reason_for(row.confidence, row.is_outlier, threshold),
+            "verified_class": row.verified_class,
+            "verified_by": row.verified_by,
+            "verified_at": row.verified_at.isoformat(timespec="seconds") if row.verified_at else None,
         }
 
 
@@ -95,8 +102,9 @@ def review_state(request: HttpRequest, uid) -> JsonResponse:
     batch = _batch(request, uid)
     lab_settings = LabSettings.for_lab(batch.laboratory_id)
     current = review.slide_state(batch, lab_settings)
-    items = list(review_items(batch))
-    report = build_differential(batch, batch.threshold, lab_settings=lab_settings, items=items)
+    rows, categories = cell_rows(batch), lab_categories(batch.laboratory_id)
+    labels = category_labels(batch.laboratory_id, categories)
+    report = build_differential(batch, batch.threshold, lab_settings=lab_settings, categories=labels, rows=rows)
     urls = CellUrls(batch)
     payload = {
         "batch": {
@@ -109,8 +117,8 @@ def review_state(request: HttpRequest, uid) -> JsonResponse:
         },
         **_state_payload(batch, current, report),
         "threshold": batch.threshold,
-        "categories": review.categories_for(batch.laboratory_id),
-        "cells": [urls.cell(item, batch.threshold) for item in items if item.prediction is not None],
+        "categories": review.categories_for(batch.laboratory_id, categories),
+        "cells": [urls.cell(row, batch.threshold) for row in rows if row.classified],
         "differential": review.differential_payload(report),
         "counts": report.counts,
         "out_of_scope": report.out_of_scope,
@@ -140,16 +148,21 @@ def review_classify(request: HttpRequest, uid) -> JsonResponse:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         return _error('Send JSON: {"cells": [cell ids], "class": a class key or null}.', 400, "invalid")
+    lab_settings, categories = LabSettings.for_lab(batch.laboratory_id), lab_categories(batch.laboratory_id)
     try:
-        items = review.reclassify(request.user, batch, cells, new_class)
+        items = review.reclassify(
+            request.user, batch, cells, new_class, lab_settings=lab_settings, categories=categories
+        )
     except review.ReviewRefused as exc:
         return _refused(exc)
-    lab_settings = LabSettings.for_lab(batch.laboratory_id)
-    report = build_differential(batch, batch.threshold, lab_settings=lab_settings)
+    labels = category_labels(batch.laboratory_id, categories)
+    report = build_differential(
+        batch, batch.threshold, lab_settings=lab_settings, categories=labels, rows=cell_rows(batch)
+    )
     urls = CellUrls(batch)
     return JsonResponse(
         {
-            "cells": [urls.cell(item, batch.threshold) for item in items],
+            "cells": [urls.cell(row_of(item), batch.threshold) for item in items],
             "differential": review.differential_payload(report),
             "counts": report.counts,
             "out_of_scope": report.out_of_scope,

@@ -254,7 +254,7 @@ class BatchDetailSerializer(BatchSummarySerializer):
         return {
             "threshold": report.threshold,
             "classified": report.classified,
-            "failed": len(report.failed),
+            "failed": report.failed_count,
             "pending": report.pending,
             "needs_review": report.needs_review,
             "mean_processing_ms": round(report.mean_ms, 3),
