@@ -317,3 +317,36 @@ def test_review_page_is_scoped_to_the_lab_and_has_no_inline_script(client, techn
     assert scripts and all("src=" in tag for tag in scripts)  # a strict Content-Security-Policy allows these
     assert not re.search(r"\son[a-z]+\s*=", html)  # no inline event handlers
     assert not re.search(r"\sstyle\s*=", html)
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_out_of_scope_banner_count_warning_flag_reasons_and_full_image_fallback(
+    browser,  # noqa: F811
+    live_server,
+    technologist,
+    tiny_record,
+):
+    from reports.differential import OUT_OF_SCOPE_WARNING
+    from tests.conftest import make_known_batch
+
+    rows = [("n1.png", 4, 0.99, False), ("odd.png", 4, 0.98, True), ("low.png", 2, 0.55, False)]
+    slide = make_known_batch(technologist, tiny_record, rows)  # an old slide: its items have no thumbnail
+    default_storage.save("cells/x.png", ContentFile(image_bytes()))
+    page = _page(browser, live_server, technologist)
+    _open_review(page, live_server, slide)
+
+    expect(page.locator("#out-of-scope")).to_be_visible()  # 2 of 3 flagged, over the lab's 30 %
+    assert OUT_OF_SCOPE_WARNING in page.inner_text("#out-of-scope")
+    assert page.get_attribute("#out-of-scope a", "href") == reverse("classifier:models")
+    expect(page.locator("#count-warning")).to_contain_text("Counted 3 of 100 WBC")
+    assert "short" in page.get_attribute("#count-pill", "class")
+
+    odd, low = (slide.items.get(original_filename=name) for name in ("odd.png", "low.png"))
+    assert "unlike the five white-cell classes" in page.get_attribute(_tile(REVIEW, odd.pk), "title")
+    assert "low confidence" in page.get_attribute(_tile(REVIEW, low.pk), "title")
+    image = reverse("classifier:prediction_image", args=[odd.prediction.uid])
+    assert page.get_attribute(_tile(REVIEW, odd.pk) + " img", "src") == image  # no thumbnail: the full image
+    expect(page.locator(_tile(REVIEW, odd.pk) + " img")).to_have_js_property("naturalWidth", 64)
+    assert page.script_errors == []
+    page.context.close()
