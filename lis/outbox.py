@@ -54,8 +54,10 @@ def report_signed(version: ReportVersion) -> None:
     """Call inside the sign-off (and countersign) transaction: once the version is final (signed, and countersigned
     when the lab wants two people), write one outbox row per active destination of the lab. A later version (an
     amendment) goes out as a correction. Calling it again for the same version writes nothing new."""
-    lab_settings = LabSettings.for_lab(version.batch.laboratory_id)
-    if not is_final(version, lab_settings):
+    lab_id = version.batch.laboratory_id
+    if not Destination.objects.filter(laboratory_id=lab_id, is_active=True).exists():
+        return  # nowhere to send (the pull API still builds the messages on request)
+    if not is_final(version, LabSettings.for_lab(lab_id)):
         return
     _enqueue(version.batch, version, report_for_version(version))
 

@@ -57,11 +57,8 @@ def make_slide(user, record, *, accession="ACC-2026-0042", name="Slide 42"):
 
 
 def sign_and_send(user, batch) -> ReportVersion:
-    """Sign with the real service and write the outbox in the same transaction (what the sign-off hook does)."""
-    with transaction.atomic():
-        version = sign(user, batch, PASSWORD)
-        report_signed(version)
-    return version
+    """Sign with the real service: the outbox rows are written by the sign-off hook, in the same transaction."""
+    return sign(user, batch, PASSWORD)
 
 
 def named_user(username, lab, role, first="Ann", last="Smith"):
@@ -217,15 +214,23 @@ def test_an_amendment_is_sent_as_a_correction(lab_a, signer, tiny_record, destin
     assert bundle.entry[-1].request.url == original.entry[-1].request.url
 
 
+def test_the_outbox_rows_share_the_sign_off_transaction(lab_a, signer, tiny_record, destinations):
+    batch = make_slide(signer, tiny_record)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        sign(signer, batch, PASSWORD)
+        assert OutboxMessage.objects.filter(batch=batch).count() == 2  # written by the hook, inside
+        raise RuntimeError("the sign-off fails after the version was saved")
+    assert not ReportVersion.objects.filter(batch=batch).exists()
+    assert not OutboxMessage.objects.filter(batch=batch).exists()  # gone with it: never a message for no report
+
+
 def test_two_person_labs_send_only_once_countersigned(lab_a, signer, tiny_record, destinations):
     LabSettings.objects.create(laboratory=lab_a, two_person_signoff=True)
     supervisor = named_user("bjones", lab_a, "Supervisor", "Bob", "Jones")
     batch = make_slide(signer, tiny_record)
     version = sign_and_send(signer, batch)
     assert not OutboxMessage.objects.filter(batch=batch).exists()  # signed, awaiting countersign: nothing sent
-    with transaction.atomic():
-        version = countersign(supervisor, batch, PASSWORD)
-        report_signed(version)
+    version = countersign(supervisor, batch, PASSWORD)
     report_signed(version)  # a second call writes nothing new
     assert OutboxMessage.objects.filter(batch=batch).count() == 2
     message = parse_er7(OutboxMessage.objects.get(batch=batch, format="hl7").payload)

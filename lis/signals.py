@@ -1,0 +1,17 @@
+"""The sign-off hook: a report version saved as final (signed, and countersigned when the lab wants two people)
+writes its outbox rows in the same transaction, whichever code path saved it (sign, countersign, the admin)."""
+
+from __future__ import annotations
+
+from django.db.models.signals import post_save
+from django.dispatch import receiver
+
+from reports.models import ReportVersion
+
+from .outbox import report_signed
+
+
+@receiver(post_save, sender=ReportVersion, dispatch_uid="lis.report_signed")
+def _report_version_saved(sender, instance: ReportVersion, raw: bool = False, **kwargs) -> None:
+    if not raw and instance.signed_at is not None:
+        report_signed(instance)
