@@ -72,13 +72,18 @@ def _give_up(batch_id: int) -> None:
     if batch is None:
         return
     last = batch.error or "the worker stopped while classifying it each time (killed, or out of memory?)"
-    Batch.objects.filter(_claimable(), pk=batch_id).update(
+    _stop_for_good(Batch.objects.filter(_claimable(), pk=batch_id), batch.attempts, last)
+
+
+def _stop_for_good(batches, attempts: int, last_error: str) -> None:
+    """Fail the batch (a queryset of it, with the condition the caller needs) with its last error."""
+    if batches.update(
         status=Batch.Status.FAILED,
         lease=None,
         finished_at=timezone.now(),
-        error=f"Stopped after {batch.attempts} attempts. Last error: {last}"[:5000],
-    )
-    logger.error("batch %s failed after %s attempts: %s", batch_id, batch.attempts, last)
+        error=f"Stopped after {attempts} attempts. Last error: {last_error}"[:5000],
+    ):
+        logger.error("batch failed after %s attempts: %s", attempts, last_error)
 
 
 def _after_error(batch_id: int, lease: uuid.UUID, exc: Exception) -> None:
@@ -88,12 +93,7 @@ def _after_error(batch_id: int, lease: uuid.UUID, exc: Exception) -> None:
         return  # another worker holds it now
     message = f"{exc}" or type(exc).__name__
     if batch.attempts >= settings.WBC_BATCH_MAX_ATTEMPTS:
-        Batch.objects.filter(pk=batch_id, lease=lease).update(
-            status=Batch.Status.FAILED,
-            lease=None,
-            finished_at=timezone.now(),
-            error=f"Stopped after {batch.attempts} attempts. Last error: {message}"[:5000],
-        )
+        _stop_for_good(Batch.objects.filter(pk=batch_id, lease=lease), batch.attempts, message)
         return
     error = f"Attempt {batch.attempts} of {settings.WBC_BATCH_MAX_ATTEMPTS} failed: {message}"[:5000]
     if Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.QUEUED, lease=None, error=error):
