@@ -46,7 +46,7 @@ def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, byt
         name, data = fetch_url(item.source_url, total_timeout=timeout)
         decode_image(
             data,
-            name=name,
+            name=item.original_filename,  # refusals name the item as the user knows it
             max_bytes=settings.WBC_MAX_IMAGE_BYTES,
             max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
             reduced=True,  # classification decodes it at full size; here only the refusals matter
