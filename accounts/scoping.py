@@ -10,15 +10,23 @@ from django.db.models import Model, Q, QuerySet
 from django.http import Http404
 
 
+def lab_path(model: type[Model]) -> str:
+    """How a model's rows reach their laboratory: ``laboratory`` unless the model says otherwise (``lab_path``)."""
+    return getattr(model, "lab_path", "laboratory")
+
+
 def scoped(source: type[Model] | QuerySet, user) -> QuerySet:
-    """``source`` narrowed to ``user``'s lab. Models with a nullable lab (shared models) include the shared rows."""
+    """``source`` narrowed to ``user``'s lab (through the model's ``lab_path``). Rows with no laboratory are
+    included only for models that are shared across labs (``shared_across_labs = True``, e.g. bundled models)."""
     queryset = source if isinstance(source, QuerySet) else source._default_manager.all()
     lab_id = getattr(user, "laboratory_id", None)
     if lab_id is None or not user.is_authenticated:
         return queryset.none()
-    if queryset.model._meta.get_field("laboratory").null:
-        return queryset.filter(Q(laboratory_id=lab_id) | Q(laboratory__isnull=True))
-    return queryset.filter(laboratory_id=lab_id)
+    path = lab_path(queryset.model)
+    in_lab = Q(**{f"{path}_id": lab_id})
+    if getattr(queryset.model, "shared_across_labs", False):
+        in_lab |= Q(**{f"{path}__isnull": True})
+    return queryset.filter(in_lab)
 
 
 def get_scoped_or_404(source: type[Model] | QuerySet, user, **lookup) -> Model:

@@ -23,6 +23,8 @@ class ClassifierModelQuerySet(models.QuerySet):
 class ClassifierModel(models.Model):
     """A registered model file and what its card says about how to feed it."""
 
+    shared_across_labs = True  # a row without a laboratory (a bundled model) is offered to every lab
+
     name = models.CharField(max_length=120)
     version = models.CharField(max_length=40, default="1")
     architecture = models.CharField(max_length=60)

@@ -140,3 +140,11 @@ def test_admin_shows_model_admins_only_their_lab(client, model_admin, prediction
     assert models.status_code == 200 and "Tiny CNN" in models.text and "Lab B custom" not in models.text
     assert client.get(reverse("admin:classifier_prediction_change", args=[theirs.pk])).status_code == 404
     assert client.get(reverse("admin:classifier_classifiermodel_change", args=[their_model.pk])).status_code == 404
+
+
+def test_users_without_a_laboratory_are_in_no_labs_scope(technologist):
+    from accounts.models import User
+
+    homeless = User.objects.create_user("homeless", password="x-long-password-1")
+    assert homeless not in scoped(User, technologist)
+    assert technologist in scoped(User, technologist)
