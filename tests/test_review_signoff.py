@@ -227,6 +227,7 @@ ENDPOINTS = [
     ("post", "reports:review_countersign"),
     ("post", "reports:review_amend"),
     ("get", "reports:report_print"),
+    ("post", "reports:wbc_count"),
     ("get", "reports:slide_history"),
     ("get", "reports:slide_history_csv"),
 ]
@@ -243,3 +244,51 @@ def test_another_labs_thumbnail_is_a_404(client, slide, outsider):
     client.force_login(outsider)
     item = slide.items.first()
     assert client.get(reverse("reports:cell_thumb", args=[slide.uid, item.pk])).status_code == 404
+
+
+def test_lab_settings_are_each_labs_own(client, lab_a, lab_b):
+    """The settings page has no id to guess: it always shows and saves the caller's own laboratory."""
+    admin_b = _member(lab_b, "admin_b", "Model admin")
+    client.force_login(admin_b)
+    page = client.get(reverse("accounts:lab_settings")).text
+    assert "Lab B" in page and "Lab A" not in page
+    before = LabSettings.for_lab(lab_a.pk).count_target
+    data = {
+        "count_target": "200",
+        "out_of_scope_limit": "0.3",
+        **{
+            f"{n}_{b}": v
+            for n, (lo, hi) in LabSettings().reference_ranges.items()
+            for b, v in (("low", lo), ("high", hi))
+        },
+        "categories-TOTAL_FORMS": "0",
+        "categories-INITIAL_FORMS": "0",
+    }
+    assert client.post(reverse("accounts:lab_settings"), data).status_code == 302
+    assert LabSettings.for_lab(lab_b.pk).count_target == 200
+    assert LabSettings.for_lab(lab_a.pk).count_target == before
+
+
+def test_bad_lab_settings_are_refused_and_nothing_is_saved(client, lab_a, supervisor):
+    client.force_login(supervisor)
+    data = {
+        "count_target": "200",
+        "out_of_scope_limit": "0.3",
+        **{
+            f"{n}_{b}": v
+            for n, (lo, hi) in LabSettings().reference_ranges.items()
+            for b, v in (("low", lo), ("high", hi))
+        },
+        "neutrophil_low": "70",  # above its high end (60)
+        "categories-TOTAL_FORMS": "1",
+        "categories-INITIAL_FORMS": "0",
+        "categories-0-key": "blast",
+        "categories-0-label": "Blast",
+        "categories-0-hotkey": "3",  # a white-cell class's key
+        "categories-0-position": "9",
+    }
+    response = client.post(reverse("accounts:lab_settings"), data)
+    assert response.status_code == 400
+    assert "ends below its start" in response.text and "Keys 1–5 are the five white-cell classes" in response.text
+    assert LabSettings.for_lab(lab_a.pk).count_target == 100
+    assert not lab_a.cell_categories.filter(key="blast").exists()
