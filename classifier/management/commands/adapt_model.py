@@ -1,5 +1,5 @@
 import json
-import sys
+import shlex
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
@@ -54,7 +54,24 @@ class Command(BaseCommand):
                 out,
                 data,
                 AdaptConfig(methods=methods, seed=options["seed"]),
-                command=" ".join(["manage.py", *sys.argv[2:]]) if len(sys.argv) > 1 else "adapt_model",
+                command=shlex.join(
+                    [
+                        "python",
+                        "manage.py",
+                        "adapt_model",
+                        str(base),
+                        "--data",
+                        str(data),
+                        "--train-per-class",
+                        str(options["train_per_class"]),
+                        "--seed",
+                        str(options["seed"]),
+                        "--out",
+                        str(out),
+                        "--method",
+                        options["method"],
+                    ]
+                ),
                 log=self.stdout.write,
             )
         except (FileNotFoundError, AdaptationRefused) as exc:
