@@ -225,13 +225,25 @@ def test_shift_selects_several_cells_and_undo_puts_them_back(
     assert _row_count(page, "lymphocyte") == lymphocytes
     assert page.is_disabled("#undo-button")
 
-    # Drag and drop: a cell dropped on the Monocyte group is saved there.
+    # Drag and drop: a cell dropped on the Monocyte group is saved there (a selected cell carries the selection).
+    page.click(_tile(REVIEW, review_ids[1]))
     with _saving(page):
         page.drag_and_drop(_tile(REVIEW, review_ids[1]), '.cell-group[data-group="monocyte"]')
     page.wait_for_selector(_tile("monocyte", review_ids[1]))
     assert CellVerification.objects.get(item_id=review_ids[1]).verified_class == "monocyte"
+    assert CellVerification.objects.count() == 1
+
+    # A non-WBC key (8: platelet) leaves the WBC differential and is counted per 100 WBC.
+    counted = int(page.inner_text("#counted"))
+    page.click(_tile(REVIEW, review_ids[3]))
+    with _saving(page):
+        page.keyboard.press("8")
+    page.wait_for_selector(_tile("platelet", review_ids[3]))
+    expect(page.locator("#non-wbc")).to_contain_text("Platelet")
+    assert int(page.inner_text("#counted")) == counted - 1
     page.reload()
     page.wait_for_selector(_tile("monocyte", review_ids[1]))
+    page.wait_for_selector(_tile("platelet", review_ids[3]))
     assert page.script_errors == []
     page.context.close()
 
