@@ -104,7 +104,7 @@ def test_log_in_drop_an_image_see_class_saliency_and_threshold_warning(
     assert page.is_hidden("#review-warning")
     page.fill("#threshold", "0.99")  # sets the range value and fires input/change
     page.wait_for_selector("#review-warning", state="visible")
-    assert "manual review suggested" in page.inner_text("#review-warning")
+    assert "Manual review suggested: low confidence" in page.inner_text("#review-warning")
     assert page.inner_text("#threshold-value") == "0.99"
 
     # the choice is remembered for the user (saved by the page, without re-running the model)
