@@ -18,6 +18,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
@@ -171,13 +172,19 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
 
     @extend_schema(
         summary="Set or clear the sample's total WBC count (gives absolute counts); refused once the slide is signed",
-        request=WbcCountSerializer,
-        responses={200: BatchDetailSerializer, 409: error_response("The slide is signed: amend it first.")},
+        request={"application/json": WbcCountSerializer},
+        responses={
+            200: BatchDetailSerializer,
+            409: error_response("The slide is signed: amend it first."),
+            415: error_response("The body is not JSON."),
+        },
         tags=["batches"],
     )
     def partial_update(self, request, uid=None):
         batch = self.get_batch()
-        serializer = WbcCountSerializer(data=request.data)
+        if not (request.content_type or "").startswith("application/json"):
+            raise UnsupportedMediaType(request.content_type, 'Send the WBC count as JSON: {"wbc_count": 7.4}.')
+        serializer = WbcCountSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
         try:
             set_wbc_count(batch, serializer.validated_data["wbc_count"])

@@ -20,6 +20,17 @@ from .models import Batch, BatchItem
 from .review import differential_payload, slide_state
 
 
+class JsonNumberField(serializers.FloatField):
+    """A float that must be a JSON number in a JSON body (a form field is text and is parsed as usual)."""
+
+    def to_internal_value(self, data):
+        request = self.context.get("request")
+        in_json = request is not None and (request.content_type or "").startswith("application/json")
+        if isinstance(data, bool) or (in_json and isinstance(data, str)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 def _moment(value) -> str | None:
     """A date-time as DRF writes it (the same format as the serializers' DateTimeFields)."""
     return None if value is None else serializers.DateTimeField().to_representation(value)
@@ -50,7 +61,7 @@ class BatchSubmitSerializer(serializers.Serializer):
     model = ScopedModelField(required=False, help_text="a model id from /models/ (default: your default model)")
     threshold = threshold_field(required=False)
     normalization = NormalizationField(required=False, allow_null=True, help_text="override the model's own")
-    wbc_count = serializers.FloatField(
+    wbc_count = JsonNumberField(
         required=False,
         allow_null=True,
         min_value=0.0,
@@ -70,7 +81,7 @@ class BatchSubmitSerializer(serializers.Serializer):
 
 
 class WbcCountSerializer(serializers.Serializer):
-    wbc_count = serializers.FloatField(
+    wbc_count = JsonNumberField(
         allow_null=True, min_value=0.0, max_value=1000.0, help_text="total WBC count, ×10⁹/L (null clears it)"
     )
 

@@ -115,8 +115,10 @@ def test_wbc_count_is_settable_until_signed(tech_client, technologist, tiny_reco
     assert response.status_code == 200 and response.json()["wbc_count"] == 6.0
     neutrophil = next(c for c in response.json()["differential"]["classes"] if c["class_name"] == "neutrophil")
     assert neutrophil["absolute"] == 6.0
-    bad = tech_client.patch(url, json.dumps({"wbc_count": -1}), content_type="application/json")
-    assert bad.status_code == 400
+    for wrong in (-1, "6", True):  # out of range; in JSON a number must be a JSON number
+        bad = tech_client.patch(url, json.dumps({"wbc_count": wrong}), content_type="application/json")
+        assert bad.status_code == 400
+    assert tech_client.patch(url, "wbc_count=6", content_type="application/x-www-form-urlencoded").status_code == 415
     page = tech_client.post(reverse("reports:wbc_count", args=[batch.uid]), {"wbc_count": "5,5"})
     assert page.status_code == 302
     batch.refresh_from_db()
