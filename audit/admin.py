@@ -15,6 +15,7 @@ LAB_PATHS = {  # how each historical table reaches its laboratory
     "historicalcellcategory": "laboratory_id",
     "historicalapitoken": "user__laboratory_id",
     "historicalclassifiermodel": "laboratory_id",
+    "historicallaboratory": "id",
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.db import models
 from simple_history import register
 
-from accounts.models import ApiToken, CellCategory, LabSettings
+from accounts.models import ApiToken, CellCategory, Laboratory, LabSettings
 from classifier.models import ClassifierModel
 from reports.models import CellVerification, ReportVersion
 
@@ -32,6 +32,7 @@ AUDITED = [
     (CellVerification, {}),
     (ReportVersion, {}),
     (LabSettings, {}),
+    (Laboratory, {}),  # the lab's default model
     (CellCategory, {}),
     (ApiToken, {"excluded_fields": ["digest", "last_used_at"], "get_user": _token_owner}),
     (ClassifierModel, {"excluded_fields": ["card"]}),

@@ -231,3 +231,11 @@ def test_another_labs_review_rows_are_a_404_in_the_admin(client, tech_client, sl
         assert client.get(reverse(name, args=[pk])).status_code == 404
     listing = client.get(reverse("admin:reports_cellverification_changelist"))
     assert listing.status_code == 200 and "low.png" not in listing.text
+
+
+def test_the_labs_default_model_change_is_audited(client, model_admin, lab_a, tiny_record):
+    client.force_login(model_admin)
+    assert client.post(reverse("classifier:model_lab_default", args=[tiny_record.pk])).status_code == 302
+    last = lab_a.history.latest()
+    assert (last.default_model_id, last.history_user_id) == (tiny_record.pk, model_admin.pk)
+    assert last.history_change_reason.startswith("lab default model")

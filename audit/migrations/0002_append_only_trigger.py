@@ -1,7 +1,9 @@
-"""Append-only on PostgreSQL: a statement trigger refuses every UPDATE and DELETE
-on the historical tables, even one that matches no row (SQLite: nothing; TRUNCATE stays for test flushes)."""
+"""Append-only on PostgreSQL: a statement trigger refuses every UPDATE and DELETE on the historical tables
+(see audit.triggers; SQLite: nothing)."""
 
 from django.db import migrations
+
+from audit import triggers
 
 TABLES = [
     "audit_historicalapitoken",
@@ -12,33 +14,13 @@ TABLES = [
     "audit_historicalreportversion",
 ]
 
-FUNCTION = """
-CREATE OR REPLACE FUNCTION audit_refuse_change() RETURNS trigger AS $$
-BEGIN
-    RAISE EXCEPTION 'the audit trail is append-only: % on % refused', TG_OP, TG_TABLE_NAME
-        USING ERRCODE = 'insufficient_privilege';
-END;
-$$ LANGUAGE plpgsql;
-"""
-
 
 def install(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    schema_editor.execute(FUNCTION, params=None)  # no placeholders: the % are PL/pgSQL format marks
-    for table in TABLES:
-        schema_editor.execute(
-            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();"
-        )
+    triggers.install(schema_editor, TABLES)
 
 
 def remove(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    for table in TABLES:
-        schema_editor.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table};")
-    schema_editor.execute("DROP FUNCTION IF EXISTS audit_refuse_change();")
+    triggers.remove(schema_editor, TABLES, drop_function=True)
 
 
 class Migration(migrations.Migration):
