@@ -76,14 +76,26 @@ def build_tiny_model(
     keras.Model(inputs, outputs).save(path)
 
 
-def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
-    """The real background worker (``manage.py run_worker``) as a separate process on the file-backed test database."""
+def test_database_url() -> str:
+    """The test database as a DATABASE_URL for another process: the file-backed SQLite one, or PostgreSQL's."""
     from django.db import connection
 
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+test_database_url.__test__ = False  # a helper, not a test
+
+
+def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
+    """The real background worker (``manage.py run_worker``) as a separate process on the test database."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "DATABASE_URL": test_database_url(),
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "WBC_MODELS_DIR": str(models_dir),
         "WBC_WORKER_WAKEUP_DIR": str(settings.WBC_WORKER_WAKEUP_DIR),

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import hl7
 import pytest
-from django.db import connection
 from django.urls import reverse
 from hl7.mllp import start_hl7_server
 
@@ -25,6 +24,7 @@ from lis import tokens
 from lis.delivery import deliver_due
 from lis.fhir import parse_bundle
 from lis.models import DeliveryAttempt, Destination, OutboxMessage
+from tests.conftest import test_database_url
 from tests.test_lis_messages import make_slide, named_user, sign_and_send
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,20 +198,11 @@ def test_backoff_grows_with_jitter(settings):
     assert len(set(delays[3])) > 10  # jitter: retries of many messages do not all land at once
 
 
-def _database_url() -> str:
-    """The test database (file-backed SQLite, or the PostgreSQL test database) for a worker process."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-    return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 def _worker(env_extra: dict) -> subprocess.Popen:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": test_database_url(),
         "WBC_LIS_RETRY_BASE_SECONDS": "0.05",
         "WBC_LIS_RETRY_MAX_SECONDS": "0.2",
         "WBC_LIS_LEASE_MARGIN_SECONDS": "0",

@@ -22,7 +22,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
 from django.urls import reverse
 
 from accounts.models import ApiToken
@@ -30,7 +29,7 @@ from classifier.models import Prediction
 from reports.models import Batch, BatchItem
 from reports.submission import submit_batch, url_entries
 from reports.uploads import NamedBytes
-from tests.conftest import REPO, image_bytes
+from tests.conftest import REPO, image_bytes, test_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -106,14 +105,6 @@ def _post_json(url: str, body: dict, headers: dict, timeout: float) -> tuple[int
     return status, json.loads(payload or b"{}"), time.monotonic() - started
 
 
-def _database_url() -> str:
-    """The test database, for a subprocess (the file-backed SQLite test database, or PostgreSQL's)."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    return f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 @pytest.fixture
 def web(settings, tiny_record, tmp_path):
     """The platform served by gunicorn (as scripts/run does) on the test database; yields its base URL."""
@@ -122,7 +113,7 @@ def web(settings, tiny_record, tmp_path):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": test_database_url(),
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "WBC_MODELS_DIR": str(settings.WBC_MODELS_DIR),
         "WBC_WORKER_WAKEUP_DIR": str(settings.WBC_WORKER_WAKEUP_DIR),
