@@ -15,6 +15,7 @@ def threshold_validators() -> list:
 
 
 class Laboratory(models.Model):
+    lab_path = "id"  # accounts.scoping: a laboratory is in its own scope
     name = models.CharField(max_length=200, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
     default_model = models.ForeignKey(
@@ -150,6 +151,7 @@ class ApiToken(models.Model):
     token stays listed (with when it was revoked) but no longer authenticates.
     """
 
+    lab_path = "user__laboratory"  # accounts.scoping
     KEY_PREFIX = "wbc"
     PREFIX_BYTES = 6  # 12 hex characters: enough to find the row, nothing an attacker can use
     SECRET_BYTES = 32

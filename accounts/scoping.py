@@ -11,7 +11,8 @@ from django.http import Http404
 
 
 def lab_path(model: type[Model]) -> str:
-    """How a model's rows reach their laboratory: ``laboratory`` unless the model says otherwise (``lab_path``)."""
+    """The lookup from a model's rows to their laboratory: ``laboratory`` unless the model names another path in
+    ``lab_path`` (e.g. ``batch__laboratory``; ``id`` for the Laboratory itself)."""
     return getattr(model, "lab_path", "laboratory")
 
 
@@ -23,7 +24,7 @@ def scoped(source: type[Model] | QuerySet, user) -> QuerySet:
     if lab_id is None or not user.is_authenticated:
         return queryset.none()
     path = lab_path(queryset.model)
-    in_lab = Q(**{f"{path}_id": lab_id})
+    in_lab = Q(**{path: lab_id})
     if getattr(queryset.model, "shared_across_labs", False):
         in_lab |= Q(**{f"{path}__isnull": True})
     return queryset.filter(in_lab)

@@ -5,18 +5,9 @@ from __future__ import annotations
 from django.contrib import admin
 
 from accounts.admin import LabAdminMixin
+from accounts.scoping import scoped
 
 from .models import HISTORICAL_MODELS
-
-LAB_PATHS = {  # how each historical table reaches its laboratory
-    "historicalcellverification": "item__batch__laboratory_id",
-    "historicalreportversion": "batch__laboratory_id",
-    "historicallabsettings": "laboratory_id",
-    "historicalcellcategory": "laboratory_id",
-    "historicalapitoken": "user__laboratory_id",
-    "historicalclassifiermodel": "laboratory_id",
-    "historicallaboratory": "id",
-}
 
 
 class AuditAdmin(LabAdminMixin, admin.ModelAdmin):
@@ -27,16 +18,7 @@ class AuditAdmin(LabAdminMixin, admin.ModelAdmin):
 
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
-        if request.user.is_superuser:
-            return queryset
-        if request.user.laboratory_id is None:
-            return queryset.none()
-        lookup = {LAB_PATHS[self.model._meta.model_name]: request.user.laboratory_id}
-        if self.model._meta.model_name == "historicalclassifiermodel":  # bundled models belong to every lab
-            from django.db.models import Q
-
-            return queryset.filter(Q(**lookup) | Q(laboratory__isnull=True))
-        return queryset.filter(**lookup)
+        return queryset if request.user.is_superuser else scoped(queryset, request.user)
 
     def has_add_permission(self, request):
         return False

@@ -48,3 +48,6 @@ for _model, _options in AUDITED:
     )
 
 HISTORICAL_MODELS: list[type[models.Model]] = [model.history.model for model, _ in AUDITED]
+for _model, _ in AUDITED:  # a history row is in the scope of its record's laboratory (accounts.scoping)
+    _model.history.model.lab_path = getattr(_model, "lab_path", "laboratory")
+    _model.history.model.shared_across_labs = getattr(_model, "shared_across_labs", False)

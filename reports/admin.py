@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.utils import timezone
 
 from accounts.admin import LabAdminMixin, LabScopedAdmin
+from accounts.scoping import scoped
 
 from .models import CellVerification, EvaluationRun, ReportVersion
 from .review import slide_state
@@ -37,15 +38,9 @@ class SlideScopedAdmin(LabAdminMixin, admin.ModelAdmin):
     """Rows that belong to a slide: staff who are not superusers see only their own laboratory's slides (another
     lab's row is a 404)."""
 
-    lab_path = "batch__laboratory_id"
-
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
-        if request.user.is_superuser:
-            return queryset
-        if not request.user.laboratory_id:
-            return queryset.none()
-        return queryset.filter(**{self.lab_path: request.user.laboratory_id})
+        return queryset if request.user.is_superuser else scoped(queryset, request.user)
 
     def has_add_permission(self, request):
         return False  # made by the review page, where the slide's rules apply
@@ -55,7 +50,6 @@ class SlideScopedAdmin(LabAdminMixin, admin.ModelAdmin):
 class CellVerificationAdmin(SlideScopedAdmin):
     """A technologist's class for a cell. Read-only once the slide is signed (amend the report instead)."""
 
-    lab_path = "item__batch__laboratory_id"
     list_display = ["item", "verified_class", "verified_by", "verified_at"]
     list_select_related = ["item", "verified_by"]
     search_fields = ["item__original_filename", "item__batch__name", "item__batch__external_id"]

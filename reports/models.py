@@ -100,6 +100,8 @@ class CellVerification(models.Model):
     """A technologist's class for one cell. It sits beside the AI's class (the prediction) and never replaces it;
     every change is kept in the audit trail."""
 
+    lab_path = "item__batch__laboratory"  # accounts.scoping
+
     item = models.OneToOneField(BatchItem, on_delete=models.PROTECT, related_name="verification")
     verified_class = models.CharField(max_length=40, help_text="a WBC class or one of the lab's cell categories")
     verified_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
@@ -115,6 +117,8 @@ class ReportVersion(models.Model):
     Version 1 is the first sign-off; every amendment opens the next version, with its reason, and is signed again.
     ``snapshot`` keeps the report exactly as it was signed, so old versions stay readable.
     """
+
+    lab_path = "batch__laboratory"  # accounts.scoping
 
     batch = models.ForeignKey(Batch, on_delete=models.PROTECT, related_name="report_versions")
     number = models.PositiveIntegerField()
