@@ -41,3 +41,10 @@ def ensure_roles(**_kwargs) -> None:
             if permission is not None:
                 permissions.append(permission)
         group.permissions.set(permissions)
+
+
+def can_manage_lab(user) -> bool:
+    """Model admins and Supervisors set how their laboratory reviews and signs slides."""
+    return bool(getattr(user, "laboratory_id", None)) and (
+        user.is_superuser or user.groups.filter(name__in=[MODEL_ADMIN, SUPERVISOR]).exists()
+    )

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_http_methods
 
 from .forms import CategoryFormSet, LabSettingsForm
 from .models import ApiToken, CellCategory, LabSettings, TooManyTokens
-from .roles import MODEL_ADMIN, SUPERVISOR
+from .roles import can_manage_lab
 
 
 def _own_token(user, raw_id: str) -> ApiToken | None:
@@ -59,13 +59,6 @@ def tokens(request: HttpRequest) -> HttpResponse:
     response = render(request, "accounts/tokens.html", context, status=status)
     response["Cache-Control"] = "no-store"
     return response
-
-
-def can_manage_lab(user) -> bool:
-    """Model admins and Supervisors set how their laboratory reviews and signs slides."""
-    return bool(user.laboratory_id) and (
-        user.is_superuser or user.groups.filter(name__in=[MODEL_ADMIN, SUPERVISOR]).exists()
-    )
 
 
 @require_http_methods(["GET", "POST"])

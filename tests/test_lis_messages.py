@@ -379,3 +379,21 @@ def test_fhir_token_is_stored_encrypted_and_never_shown(client, lab_a, settings)
     assert client.post(reverse("lis:destination_edit", args=[destination.pk]), form).status_code == 302
     destination.refresh_from_db()
     assert bearer_token(destination) == secret and destination.name == "FHIR prod"
+
+
+def test_the_slide_page_shows_what_was_sent_to_the_lis(client, signer, tiny_record, destinations):
+    batch = make_slide(signer, tiny_record)
+    client.force_login(signer)
+    before = client.get(reverse("reports:batch", args=[batch.uid])).text
+    assert 'id="lis-deliveries"' not in before  # nothing is sent before sign-off
+    sign_and_send(signer, batch)
+    page = client.get(reverse("reports:batch", args=[batch.uid])).text
+    assert 'id="lis-deliveries"' in page and "LIS HL7" in page and "LIS FHIR" in page
+
+
+def test_only_lab_managers_see_the_lab_settings_link(client, signer, lab_a):
+    client.force_login(signer)
+    assert reverse("accounts:lab_settings") not in client.get(reverse("classifier:history")).text
+    supervisor = named_user("boss", lab_a, "Supervisor")
+    client.force_login(supervisor)
+    assert reverse("accounts:lab_settings") in client.get(reverse("classifier:history")).text

@@ -136,6 +136,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "wbcsite.context_processors.review_threshold",
+                "wbcsite.context_processors.navigation",
             ],
         },
     },
