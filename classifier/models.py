@@ -32,7 +32,7 @@ class ClassifierModel(models.Model):
     sha256 = models.CharField(max_length=64)
     input_height = models.PositiveIntegerField()
     input_width = models.PositiveIntegerField()
-    normalization = models.JSONField()
+    normalization = models.JSONField(verbose_name="normalisation")
     class_names = models.JSONField()
     temperature = models.FloatField(default=1.0)
     ood_file_name = models.CharField(max_length=255, blank=True)
@@ -130,7 +130,9 @@ class Prediction(models.Model):
     model_sha256 = models.CharField(
         max_length=64, blank=True, help_text="checksum of the exact model file that classified the image"
     )
-    normalization = models.JSONField(default=dict, blank=True, help_text="the normalisation applied")
+    normalization = models.JSONField(
+        default=dict, blank=True, verbose_name="normalisation", help_text="the normalisation applied"
+    )
     image = models.FileField(upload_to=cell_upload_to)
     original_filename = models.CharField(max_length=255)
     width = models.PositiveIntegerField()

@@ -28,7 +28,9 @@ class Batch(models.Model):
     name = models.CharField(max_length=200)
     external_id = models.CharField(max_length=100, blank=True, db_index=True, help_text="LIS sample/accession id")
     model = models.ForeignKey(ClassifierModel, on_delete=models.PROTECT, related_name="batches")
-    normalization = models.JSONField(default=dict, blank=True, help_text="empty: the model's own")
+    normalization = models.JSONField(
+        default=dict, blank=True, verbose_name="normalisation", help_text="empty: the model's own"
+    )
     threshold = models.FloatField(default=DEFAULT_THRESHOLD, validators=threshold_validators())
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     error = models.TextField(blank=True)
