@@ -38,3 +38,28 @@ def test_overlay_is_a_png_at_the_original_size():
     assert decoded.format == "PNG" and decoded.size == (80, 60)
     # the colour map changes pixels: the overlay is not the original image
     assert np.abs(np.asarray(decoded, np.int16) - np.asarray(image, np.int16)).mean() > 5
+
+
+def test_gradcam_reads_the_pooled_feature_map_and_the_pre_softmax_score(tmp_path):
+    """With global average pooling and a softmax Dense head, Grad-CAM of the class score is exactly CAM
+    (Zhou et al. 2016): relu(sum_k A_k w_kc) on the feature map the pooling reads, even for a confident model."""
+    import keras
+
+    from tests.conftest import build_tiny_model
+    from wbc_ml.checksums import file_sha256
+    from wbc_ml.inference import ModelSpec
+
+    path = tmp_path / "confident.keras"
+    build_tiny_model(path, favour=1)  # p(class 1) ~ 0.97: the gradient of p would nearly vanish
+    spec = ModelSpec(path, file_sha256(path), TINY_SIZE, {"method": "scale01"}, ("a", "b", "c", "d", "e"))
+    classifier = get_classifier(spec)
+    model = classifier.model
+    assert saliency.gradcam_feature_map(model) is model.get_layer("gap").input
+    pixels = _pixels()
+    feature_map = keras.Model(model.inputs, model.get_layer("gap").input)(classifier.prepare(pixels[None]))[0]
+    weights = model.get_layer("probabilities").get_weights()[0]
+    for class_index in (1, 3):
+        cam = np.maximum(np.asarray(feature_map, np.float64) @ weights[:, class_index], 0.0)
+        expected = (cam - cam.min()) / (cam.max() - cam.min())
+        heatmap = saliency.gradcam(classifier, pixels, class_index)
+        np.testing.assert_allclose(heatmap, expected, atol=1e-4)

@@ -32,21 +32,45 @@ def last_conv_layer(model) -> str:
     raise ValueError("the model has no Conv2D layer for Grad-CAM")
 
 
-def gradcam(classifier: Classifier, pixels: np.ndarray, class_index: int, layer_name: str | None = None) -> np.ndarray:
-    """Grad-CAM heatmap in [0, 1] at the conv layer's resolution (Selvaraju et al. 2017).
+def gradcam_feature_map(model):
+    """The feature map Grad-CAM looks at: the one the global pooling ('gap') reads, i.e. after the last
+    BatchNormalization and ReLU (the last Conv2D's raw output, before them, is not what the classifier sees);
+    the last Conv2D's output when the model has no 'gap' layer."""
+    if any(layer.name == "gap" for layer in model.layers):
+        return model.get_layer("gap").input
+    return model.get_layer(last_conv_layer(model)).output
 
-    Gradients are taken of log p(class) rather than p, so a very confident softmax still gives a map.
+
+def _class_scores(model, outputs):
+    """The pre-softmax class scores (logits) when the model ends with a softmax Dense layer, else log p.
+
+    Grad-CAM is defined on the score before the softmax (Selvaraju et al. 2017); the gradient of p, or of log p,
+    also carries the other classes' scores and vanishes for a very confident prediction.
     """
+    import keras
+
+    last = outputs._keras_history.operation if hasattr(outputs, "_keras_history") else None
+    if not (isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax):
+        return outputs, False
+    logits = keras.layers.Dense(last.units, name="gradcam_logits")  # the same weights, no softmax
+    scores = logits(last.input)
+    logits.set_weights(last.get_weights())
+    return scores, True
+
+
+def gradcam(classifier: Classifier, pixels: np.ndarray, class_index: int, layer_name: str | None = None) -> np.ndarray:
+    """Grad-CAM heatmap in [0, 1] at the feature map's resolution (Selvaraju et al. 2017), of the pre-softmax score."""
     tf = _tf()
     import keras
 
     model = classifier.model
-    layer = model.get_layer(layer_name or last_conv_layer(model))
-    grad_model = keras.Model(model.inputs, [layer.output, model.outputs[0]])
+    feature_map = model.get_layer(layer_name).output if layer_name else gradcam_feature_map(model)
+    scores, are_logits = _class_scores(model, model.outputs[0])
+    grad_model = keras.Model(model.inputs, [feature_map, scores])
     x = tf.convert_to_tensor(classifier.prepare(pixels[None]))
     with tf.GradientTape() as tape:
-        activations, probs = grad_model(x, training=False)
-        score = tf.math.log(probs[:, class_index] + 1e-12)
+        activations, out = grad_model(x, training=False)
+        score = out[:, class_index] if are_logits else tf.math.log(out[:, class_index] + 1e-12)
     grads = tape.gradient(score, activations)[0].numpy()
     activations = activations[0].numpy()
     weights = grads.mean(axis=(0, 1))
