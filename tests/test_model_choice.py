@@ -78,7 +78,11 @@ def test_zscore_defaults_come_from_the_models_card(tech_client, second_record):
 
 @pytest.mark.parametrize(
     ("mean", "std", "message"),
-    [("1, 2", "1, 1, 1", "exactly three"), ("a, b, c", "1, 1, 1", "three numbers"), ("0, 0, 0", "1, 0, 1", "each &#x27;std&#x27; value must be between 0.001 and 1000")],
+    [
+        ("1, 2", "1, 1, 1", "exactly three"),
+        ("a, b, c", "1, 1, 1", "three numbers"),
+        ("0, 0, 0", "1, 0, 1", "value must be between 0.001 and 1000"),
+    ],
 )
 def test_bad_zscore_numbers_are_refused(tech_client, tiny_record, mean, std, message):
     upload = SimpleUploadedFile("cell.png", image_bytes(), content_type="image/png")
