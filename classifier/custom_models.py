@@ -3,7 +3,9 @@
 Every upload gets its own content-addressed path, ``lab<id>/<sha256 prefix>-<random>.<ext>`` in
 ``WBC_CUSTOM_MODELS_DIR`` (its ONNX copy the same stem in ``WBC_ONNX_DIR``), so two labs uploading the same
 file, or files with the same name, never share a file, and a failed registration removes only its own files.
-The web process never loads the upload: the vetting child checks it and exports the ONNX copy.
+The web process never loads the upload: the vetting child checks it and exports the ONNX copy, which is
+required (an upload the child could not export is refused, nothing stored); saliency maps are made in a sandboxed
+child too (:mod:`wbc_ml.saliency_child`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def register_custom_model(
             onnx_path=onnx_path,
             normalization=normalization,
         )
+        if not validated.onnx_sha256:
+            raise ModelRejected(onnx_required_message(validated.onnx_status))
         file_name = f"{stem}{EXTENSIONS[validated.format]}"
         final = folder / file_name
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +78,8 @@ def register_custom_model(
             class_names=class_names,
             temperature=1.0,
             parameters=validated.parameters,
-            onnx_file_name=onnx_file_name(stem) if validated.onnx_sha256 else "",
-            onnx_sha256=validated.onnx_sha256 or "",
+            onnx_file_name=onnx_file_name(stem),
+            onnx_sha256=validated.onnx_sha256,
             onnx_status=validated.onnx_status[:500],
             card={"uploaded_file": uploaded_file.name, "format": validated.format, "validated": True},
             is_bundled=False,
@@ -88,6 +92,16 @@ def register_custom_model(
             path.unlink(missing_ok=True)
         raise
     return record
+
+
+def onnx_required_message(onnx_status: str) -> str:
+    """Why an upload whose ONNX export failed is refused (``onnx_status``: the vetting child's words)."""
+    reason = onnx_status.removeprefix("TensorFlow fallback:").strip() or "no reason given"
+    return (
+        f"The model could not be converted to ONNX for serving ({reason}). Uploaded models are only served "
+        "through a checked ONNX copy, so it was not stored; use layers the ONNX converter supports and upload it "
+        "again."
+    )
 
 
 def _save_with_next_version(record: ClassifierModel) -> None:

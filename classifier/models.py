@@ -107,6 +107,7 @@ class ClassifierModel(models.Model):
             ood_path=ood,
             ood_sha256=self.ood_sha256 or None,
             onnx_sha256=self.onnx_sha256 or None,
+            allow_keras_fallback=self.is_bundled,  # a lab's upload: ONNX only, never Keras in the web process
         )
 
 

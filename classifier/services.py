@@ -12,6 +12,7 @@ from django.db import transaction
 from accounts.scoping import scoped
 from wbc_ml.inference import ModelUnavailable, Result, get_classifier
 from wbc_ml.preprocessing import FILE_SUFFIXES, ImageRejected, decode_image, resize, sniff_image_type
+from wbc_ml.saliency_child import saliency_png_in_sandbox
 
 from .models import ClassifierModel, Prediction
 
@@ -120,7 +121,11 @@ def remember_model(user, model_record: ClassifierModel) -> None:
 
 
 def ensure_saliency(prediction: Prediction, method: str):
-    """The stored saliency overlay for ``method``, made on first request and kept."""
+    """The stored saliency overlay for ``method``, made on first request and kept.
+
+    A lab's uploaded model is never loaded with Keras in this process: its maps are made in a sandboxed child
+    (:mod:`wbc_ml.saliency_child`); a bundled model's are made here.
+    """
     from wbc_ml import saliency  # TensorFlow gradients; imported only when a map is needed
 
     if method not in saliency.METHODS:
@@ -129,12 +134,18 @@ def ensure_saliency(prediction: Prediction, method: str):
     if field:
         return field
     record = prediction.model
-    classifier = get_classifier(record.spec(prediction.normalization or None))
+    spec = record.spec(prediction.normalization or None)
     with prediction.image.open("rb") as handle:
-        image = decode_image(handle.read(), name=prediction.original_filename)
-    pixels = resize(image, record.input_size)
-    heatmap = saliency.saliency_map(classifier, pixels, record.class_names.index(prediction.predicted_class), method)
-    png = saliency.overlay_png(image, heatmap)
+        data = handle.read()
+    class_index = record.class_names.index(prediction.predicted_class)
+    if spec.allow_keras_fallback:  # our own bundled files: computed here
+        image = decode_image(data, name=prediction.original_filename)
+        heatmap = saliency.saliency_map(get_classifier(spec), resize(image, record.input_size), class_index, method)
+        png = saliency.overlay_png(image, heatmap)
+    else:  # a lab's upload is never loaded with Keras in this process
+        png = saliency_png_in_sandbox(
+            spec, data, class_index=class_index, method=method, image_name=prediction.original_filename
+        )
     field.save(f"{prediction.uid}-{method}.png", ContentFile(png), save=False)
     Prediction.objects.filter(pk=prediction.pk).update(**{method: field.name})
     return field

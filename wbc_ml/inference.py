@@ -63,6 +63,10 @@ class ModelSpec:
     onnx_path: Path | None = None
     ood_sha256: str | None = None  # the registered checksums of the detector file and of the ONNX copy
     onnx_sha256: str | None = None
+    # True for our own (bundled) files: TensorFlow serves when there is no usable ONNX copy, and saliency maps
+    # load the Keras model here. False for a lab's upload: it is never loaded with Keras in this process, so
+    # it is served by its checked ONNX copy or not at all (saliency maps are made in a sandboxed child).
+    allow_keras_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -215,23 +219,40 @@ class LoadedModel:
     def _onnx_backend(self) -> OnnxBackend | None:
         path = self.spec.onnx_path
         if path is None:
-            return None
+            return self._without_onnx("it has no ONNX copy", log=False)
         if not path.is_file():
-            logger.warning("ONNX file %s is missing; serving %s with TensorFlow", path, self.spec.path.name)
-            return None
+            return self._without_onnx(f"its ONNX copy {path} is missing")
         if not self.spec.onnx_sha256:
-            logger.warning("ONNX file %s has no registered checksum; serving with TensorFlow", path)
-            return None
+            return self._without_onnx(f"its ONNX copy {path} has no registered checksum")
         data = verified_bytes(path, self.spec.onnx_sha256, "ONNX copy")  # altered: refused, not served
         try:
             return OnnxBackend(data)
-        except Exception as exc:  # a broken export must never stop serving
-            logger.warning("ONNX Runtime could not load %s (%s); serving with TensorFlow", path, exc)
-            return None
+        except Exception as exc:  # a broken export must never stop serving a bundled model
+            return self._without_onnx(f"ONNX Runtime could not load its ONNX copy {path} ({exc})")
+
+    def _without_onnx(self, reason: str, log: bool = True) -> None:
+        """No usable ONNX copy: TensorFlow serves our own files; an upload is :class:`ModelUnavailable`."""
+        if not self.spec.allow_keras_fallback:
+            raise ModelUnavailable(
+                f"The uploaded model {self.spec.path.name} cannot be used: {reason}. An uploaded model is only "
+                "served through its checked ONNX copy, never loaded into the web server; upload it again."
+            )
+        if log:
+            logger.warning("%s: %s; serving with TensorFlow", self.spec.path.name, reason)
+
+    @property
+    def holds_keras_model(self) -> bool:
+        """Whether this process has loaded the Keras model (TensorFlow serving or a saliency map did)."""
+        return self._model is not None
 
     @property
     def model(self):
         """The Keras model (for TensorFlow serving and saliency gradients), loaded on first use."""
+        if not self.spec.allow_keras_fallback:
+            raise ModelUnavailable(
+                f"The uploaded model {self.spec.path.name} is never loaded with Keras in this process; "
+                "its saliency maps are made in a sandboxed child process."
+            )
         with self._model_lock:
             if self._model is None:
                 model = load_keras_model(self.spec.path)
@@ -319,6 +340,7 @@ def get_classifier(spec: ModelSpec) -> Classifier:
         spec.ood_sha256,
         str(spec.onnx_path),
         spec.onnx_sha256,
+        spec.allow_keras_fallback,
     )
     with _cache_lock:
         loaded = _loaded.get(key)

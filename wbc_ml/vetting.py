@@ -30,46 +30,39 @@ are only ever imported inside the child process.
 
 The child is ``python -m wbc_ml.vetting_child`` (:mod:`wbc_ml.vetting_child`; ``wbc_ml`` imports no
 Django): it reads a JSON request on stdin and writes one JSON line back on its original stdout (anything
-TensorFlow prints is redirected to stderr). Its sandbox:
-
-* a scrubbed environment: only :data:`CHILD_ENV_NAMES` (``PATH``, ``PYTHONPATH``, ``LANG``, ``HOME`` and
-  ``TMPDIR`` set to its own empty temporary working directory, thread caps, TensorFlow's log level);
-  no secret, database URL or cloud credential of the web process reaches it;
-* no network: it runs under ``unshare -n`` (``unshare -rn`` when not root), a network namespace with
-  nothing but a downed loopback, when a probe run shows this host allows it (:func:`network_isolation`).
-  Where it does not (no ``unshare``, no user namespaces, e.g. in some containers), the child runs
-  without that isolation and a warning is logged once: the other limits still apply, and the
-  architecture walk above has already refused every object that could reach the network;
-* its own session (process group), so a time-out kills the whole group;
-* resource limits: memory with ``RLIMIT_DATA`` (heap and other private writable memory,
-  ``memory_limit_mb``) plus a looser ``RLIMIT_AS`` backstop, because TensorFlow reserves far more address
-  space than it uses (TensorFlow itself needs roughly 0.5 GB of the allowance); CPU seconds
-  (``RLIMIT_CPU``), the size of any file it writes (``RLIMIT_FSIZE``), open files (``RLIMIT_NOFILE``),
-  and no core dumps.
+TensorFlow prints is redirected to stderr). It runs in the sandbox of :mod:`wbc_ml.sandbox` (shared with the
+saliency child): a scrubbed environment and an empty temporary home, no network where the host allows
+``unshare -n`` (else a logged warning; the architecture walk above has already refused every object that could
+reach the network), its own process group killed on time-out, and memory, CPU, file-size and open-file limits
+(TensorFlow itself needs roughly 0.5 GB of the memory allowance).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sandbox
 from .checksums import file_sha256
+from .sandbox import MIB, SandboxCrashed, SandboxTimeout, run_child
 
 logger = logging.getLogger(__name__)
 
+# The sandbox's settings, named here too: the vetting child and the tests read them from this module.
+ADDRESS_SPACE_HEADROOM_MB = sandbox.ADDRESS_SPACE_HEADROOM_MB
+CHILD_ENV_NAMES = sandbox.CHILD_ENV_NAMES
+CHILD_MAX_OPEN_FILES = sandbox.CHILD_MAX_OPEN_FILES
+CHILD_MAX_WRITTEN_MB = sandbox.CHILD_MAX_WRITTEN_MB
+REPO_ROOT = sandbox.REPO_ROOT
+child_environment = sandbox.child_environment
+network_isolation = sandbox.network_isolation
+
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-MIB = 1024 * 1024
 MIN_INPUT_SIDE = 16
 PROBABILITY_TOLERANCE = 1e-4  # each output within [0 - tol, 1 + tol]
 SUM_TOLERANCE = 1e-3  # outputs sum to 1 within this
@@ -77,10 +70,6 @@ PROBE_SEED = 0
 MAX_CONFIG_BYTES = 32 * MIB  # an architecture description is kilobytes; refuse absurd ones
 MAX_CONFIG_DEPTH = 400  # nesting depth of the JSON walk (nested models add a few levels each)
 ARCHIVE_EXPANSION_FACTOR = 4  # a .keras archive may unpack to at most this multiple of max_bytes
-ADDRESS_SPACE_HEADROOM_MB = 4096  # RLIMIT_AS = memory_limit_mb + this (TensorFlow reserves a lot)
-CHILD_THREADS = "2"  # the loader only runs one tiny prediction; keeps its thread (and stack) count low
-CHILD_MAX_OPEN_FILES = 1024  # RLIMIT_NOFILE
-CHILD_MAX_WRITTEN_MB = 2048  # RLIMIT_FSIZE: the largest file the child may write (the ONNX copy)
 CHILD_ONNX_NAME = "model.onnx"  # written by the child in its working directory, then moved by the caller
 
 # --- what a stored architecture may contain: exact (module, class) pairs ------------------------------
@@ -532,64 +521,9 @@ def _check_object(node: dict, where: str) -> None:
         )
 
 
-# --- 4. the child process and its sandbox ----------------------------------------------------------
+# --- 4. the child process, in the sandbox of :mod:`wbc_ml.sandbox` ----------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # so the child can import wbc_ml (and nothing of Django)
-CHILD_ENV_NAMES = frozenset(
-    {
-        "PATH",
-        "PYTHONPATH",
-        "HOME",
-        "TMPDIR",
-        "LANG",
-        "TF_CPP_MIN_LOG_LEVEL",
-        "CUDA_VISIBLE_DEVICES",
-        "TF_NUM_INTRAOP_THREADS",
-        "TF_NUM_INTEROP_THREADS",
-        "OMP_NUM_THREADS",
-        "MALLOC_ARENA_MAX",
-        "KERAS_BACKEND",
-    }
-)
-
-
-def child_environment(workdir: Path) -> dict[str, str]:
-    """The child's whole environment: nothing of the web process's (secrets, database URL, cloud keys)."""
-    env = {
-        "PATH": os.environ.get("PATH") or os.defpath,
-        "PYTHONPATH": str(REPO_ROOT),
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
-        "LANG": os.environ.get("LANG") or "C.UTF-8",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "CUDA_VISIBLE_DEVICES": "-1",  # validation needs no GPU; keep it away from the serving process's
-        "TF_NUM_INTRAOP_THREADS": CHILD_THREADS,
-        "TF_NUM_INTEROP_THREADS": CHILD_THREADS,
-        "OMP_NUM_THREADS": CHILD_THREADS,
-        "MALLOC_ARENA_MAX": "2",
-        "KERAS_BACKEND": "tensorflow",
-    }
-    return env
-
-
-@functools.cache
-def network_isolation() -> tuple[str, ...] | None:
-    """The ``unshare`` prefix that puts the child in an empty network namespace, if a probe run works here."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        logger.warning("no unshare on this host: model files are vetted without network isolation")
-        return None
-    flag_sets = (("-n",), ("-rn",)) if os.geteuid() == 0 else (("-rn",),)
-    for flags in flag_sets:
-        prefix = (unshare, *flags, "--")
-        try:
-            probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    logger.warning("unshare cannot create a network namespace here: model files are vetted without network isolation")
-    return None
+CHILD_MODULE = "wbc_ml.vetting_child"
 
 
 def describe_sandbox(*, connect_port: int | None = None, memory_limit_mb: int = 4096, timeout_s: float = 60) -> dict:
@@ -651,74 +585,18 @@ def _take_onnx_copy(written: Path, target: Path, report: dict) -> str | None:
 
 
 def _run_child(request: dict, workdir: Path, *, timeout_s: float, memory_limit_mb: int) -> dict:
-    request = {
-        **request,
-        "memory_limit_mb": memory_limit_mb,
-        "cpu_limit_s": int(2 * timeout_s) + 10,  # a backstop if this process dies; the wall clock rules
-        "max_open_files": CHILD_MAX_OPEN_FILES,
-        "max_written_bytes": CHILD_MAX_WRITTEN_MB * MIB,
-    }
-    command = [*(network_isolation() or ()), sys.executable, "-s", "-m", "wbc_ml.vetting_child"]
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=workdir,
-        env=child_environment(workdir),
-        start_new_session=True,  # its own process group, killed as a whole on time-out
-    )
     try:
-        stdout, stderr = process.communicate(json.dumps(request).encode(), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        process.communicate()
+        report = run_child(CHILD_MODULE, request, workdir, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
+    except SandboxTimeout:
         raise ModelRejected(
             f"Loading the model took longer than {timeout_s:g} s, so it was stopped; "
             "a model for this platform should load in seconds."
         ) from None
-    except BaseException:
-        _kill_group(process)
-        process.communicate()
-        raise
-    elapsed = time.monotonic() - started
-    return _read_child_report(process.returncode, stdout, stderr, memory_limit_mb, elapsed)
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the loader's whole process group; only while the loader is not yet reaped (its pid,
-    hence the group id, cannot have been reused)."""
-    if process.returncode is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _read_child_report(returncode: int, stdout: bytes, stderr: bytes, memory_limit_mb: int, elapsed: float) -> dict:
-    report = None
-    lines = stdout.decode("utf-8", "replace").strip().splitlines()
-    if lines:
-        try:
-            report = json.loads(lines[-1])
-        except ValueError:
-            report = None
-    if not isinstance(report, dict):
-        tail = stderr.decode("utf-8", "replace")[-2000:]
-        logger.warning("model loader exited with status %s after %.1f s; stderr tail:\n%s", returncode, elapsed, tail)
-        if returncode is not None and returncode < 0:
-            try:
-                how = f"killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                how = f"killed by signal {-returncode}"
-        else:
-            how = f"exit status {returncode}"
+    except SandboxCrashed as exc:
         raise ModelRejected(
-            f"The model loader crashed ({how}) before finishing. The model may need more than the "
+            f"The model loader crashed ({exc.how}) before finishing. The model may need more than the "
             f"{memory_limit_mb} MB of memory allowed for checking it, or the file is damaged."
-        )
+        ) from None
     if "refused" in report:
         raise ModelRejected(str(report["refused"]))
     if "error" in report:

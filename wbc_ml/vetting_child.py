@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from wbc_ml.sandbox import apply_limits, report_channel, write_report
 from wbc_ml.vetting import (
-    ADDRESS_SPACE_HEADROOM_MB,
     CHILD_ONNX_NAME,
-    MIB,
     MIN_INPUT_SIDE,
     PROBABILITY_TOLERANCE,
     PROBE_SEED,
@@ -35,40 +34,14 @@ from wbc_ml.vetting import (
 LIMIT_NAMES = ("RLIMIT_DATA", "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_CPU")
 
 
-def _apply_limits(request: dict) -> None:
-    """Cap this process: RLIMIT_DATA is the real memory cap, RLIMIT_AS a generous backstop; CPU seconds,
-    written file size, open files, and no core dumps."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX: the time-out still applies
-        return
-    memory_limit_mb = int(request["memory_limit_mb"])
-    limits = (
-        ("RLIMIT_DATA", memory_limit_mb * MIB),
-        ("RLIMIT_AS", (memory_limit_mb + ADDRESS_SPACE_HEADROOM_MB) * MIB),
-        ("RLIMIT_CORE", 0),
-        ("RLIMIT_NOFILE", int(request["max_open_files"])),
-        ("RLIMIT_FSIZE", int(request["max_written_bytes"])),
-        ("RLIMIT_CPU", int(request["cpu_limit_s"])),
-    )
-    for name, value in limits:
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        _soft, hard = resource.getrlimit(which)
-        cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (cap, cap))
-
-
 def main() -> None:
     """Loader process entry: JSON request on stdin, one JSON line on the original stdout."""
-    result_fd = os.dup(1)
-    os.dup2(2, 1)  # whatever TensorFlow or Keras print goes to stderr, not into the report
+    result_fd = report_channel()  # whatever TensorFlow or Keras print goes to stderr, not into the report
     memory_limit_mb = 0
     try:
         request = json.loads(sys.stdin.read())
         memory_limit_mb = int(request["memory_limit_mb"])
-        _apply_limits(request)
+        apply_limits(request)
         report = _describe(request) if request.get("action") == "describe" else _vet(request)
     except ModelRejected as exc:
         report = {"refused": str(exc)}
@@ -77,8 +50,7 @@ def main() -> None:
     except Exception as exc:
         text = " ".join(str(exc).split())
         report = {"error": short_text(f"{type(exc).__name__}: {text}", 400)}
-    with os.fdopen(result_fd, "w", encoding="utf-8") as out:
-        out.write(json.dumps(report) + "\n")
+    write_report(result_fd, report)
 
 
 def _vet(request: dict) -> dict:
