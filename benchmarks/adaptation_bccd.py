@@ -220,11 +220,9 @@ def markdown(table: str, args) -> str:
         "brightness and stain jitter). The benchmark's head candidates: C in {0.01, 0.1, 1} and average or average+max "
         "pooling, BatchNormalization as trained (its 'head' rows evaluate the new head on cached features of the "
         "unseen cells; 'served' in results.jsonl checks the seed-0 model end to end through its saved file).\n\n"
-        + "On the shared 2-core machine of this run, 'bn' and 'finetune' (which need their own forward passes per draw) "
+        + "On the shared 2-core machine of this run, 'bn' and 'finetune' (their own forward passes per draw) "
         "were run for k = 20 only, on the draws their 'draws' column gives; on the other draws 'auto' chose among the "
-        "head candidates only (run with --methods head).\n\n"
-        + table
-        + "\n"
+        "head candidates only (run with --methods head).\n\n" + table + "\n"
     )
 
 
