@@ -96,10 +96,11 @@ class ModelRefSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
     version = serializers.CharField()
+    sha256 = serializers.CharField(help_text="SHA-256 of the model file")
 
 
 def model_ref(record: ClassifierModel) -> dict:
-    return {"id": record.pk, "name": record.name, "version": record.version}
+    return {"id": record.pk, "name": record.name, "version": record.version, "sha256": record.sha256}
 
 
 # --- models ----------------------------------------------------------------------------------------------------

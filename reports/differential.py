@@ -18,7 +18,7 @@ from wbc_ml.review_flag import needs_review
 from .models import Batch, BatchItem
 
 REPORT_COLUMNS = ["filename", "predicted_class", "confidence", "needs_review", "timestamp", "processing_ms"]
-REVIEW_COLUMNS = ["verified_class", "verified_by", "verified_at", "model_version", "is_outlier"]
+REVIEW_COLUMNS = ["verified_class", "verified_by", "verified_at", "model_version", "is_outlier", "model_sha256"]
 SUMMARY_COLUMNS = ["class", "count", "percent", "flag", "reference_range", "absolute_1e9_per_l", "per_100_wbc"]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 OUT_OF_SCOPE_WARNING = (
@@ -335,6 +335,7 @@ def report_rows(report: Differential) -> Iterator[list[str]]:
             verification.verified_at.isoformat(timespec="seconds") if verification else "",
             excel_safe(p.model_version),
             "yes" if p.is_outlier else "no",
+            p.model_sha256,
         ]
 
 

@@ -113,7 +113,7 @@ def review_state(request: HttpRequest, uid) -> JsonResponse:
             "external_id": batch.external_id,
             "status": batch.status,
             "wbc_count": batch.wbc_count,
-            "model": {"name": batch.model.name, "version": batch.model.version},
+            "model": {"name": batch.model.name, "version": batch.model.version, "sha256": batch.model.sha256},
         },
         **_state_payload(batch, current, report),
         "threshold": batch.threshold,

@@ -443,7 +443,7 @@ class EvaluationRunSerializer(serializers.Serializer):
 
     @extend_schema_field(ModelRefSerializer)
     def get_model(self, run) -> dict:
-        return {"id": run.model_id, "name": run.model.name, "version": run.model_version}
+        return {**model_ref(run.model), "version": run.model_version}
 
     @extend_schema_field({"type": "object", "additionalProperties": True})
     def get_metrics(self, run) -> dict:

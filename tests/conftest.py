@@ -214,6 +214,7 @@ def make_known_batch(user, record, rows, *, name="Known slide", failed_error="da
             user=user,
             model=record,
             model_version="1",
+            model_sha256=record.sha256,
             image="cells/x.png",
             original_filename=file_name,
             width=10,

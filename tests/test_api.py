@@ -272,7 +272,12 @@ def test_classify_a_file_returns_the_result_links_and_review_flag(api, neutrophi
     assert body["confidence"] == pytest.approx(body["probabilities"]["neutrophil"], abs=1e-6)
     assert 0.9 < body["confidence"] < 0.99
     assert body["threshold"] == 0.99 and body["needs_review"] is True
-    assert body["model"] == {"id": neutrophil_record.pk, "name": "Neutrophil CNN", "version": "1"}
+    assert body["model"] == {
+        "id": neutrophil_record.pk,
+        "name": "Neutrophil CNN",
+        "version": "1",
+        "sha256": neutrophil_record.sha256,
+    }
     assert body["processing_ms"] > 0 and isinstance(body["is_outlier"], bool)
 
     again = api.get(body["url"], {"threshold": "0.5"}).json()

@@ -62,13 +62,21 @@ def _csv(client, name, batch, **params):
 def test_csv_has_the_exact_header_and_one_row_per_classified_image(tech_client, known_batch):
     rows = _csv(tech_client, "reports:batch_csv", known_batch)
     assert rows[0] == REPORT_COLUMNS + [f"prob_{c}" for c in CLASSES] + REVIEW_COLUMNS
-    assert REVIEW_COLUMNS == ["verified_class", "verified_by", "verified_at", "model_version", "is_outlier"]
+    assert REVIEW_COLUMNS == [
+        "verified_class",
+        "verified_by",
+        "verified_at",
+        "model_version",
+        "is_outlier",
+        "model_sha256",
+    ]
     assert rows[0][:6] == ["filename", "predicted_class", "confidence", "needs_review", "timestamp", "processing_ms"]
     assert len(rows) == 7
     by_name = {r[0]: r for r in rows[1:]}
     assert by_name["n1.png"][1:4] == ["neutrophil", "0.9900", "no"]
     assert by_name["e1.png"][3] == "yes" and by_name["l2.png"][3] == "yes"
     assert float(by_name["n1.png"][6 + 4]) == pytest.approx(0.99)
+    assert by_name["n1.png"][-1] == known_batch.model.sha256 and len(known_batch.model.sha256) == 64
 
 
 def test_csv_neutralises_formulas_in_file_names(tech_client, known_batch):
