@@ -199,12 +199,13 @@ class ResendRefused(ValueError):
 
 def resend(message: OutboxMessage) -> None:
     """A person asks to send it again (after a refusal, or to repeat a delivered one): it goes to the head of its
-    destination's queue. A superseded version is refused: resending it would undo the correction at the LIS."""
-    newer = OutboxMessage.objects.filter(
-        destination_id=message.destination_id,
-        batch_id=message.batch_id,
-        report_version__number__gt=message.report_version.number,
-    )
+    destination's queue. A superseded version is refused: resending it would undo the correction at the LIS. So is
+    an AI-only (preliminary) result once a signed version was sent to the destination."""
+    newer = OutboxMessage.objects.filter(destination_id=message.destination_id, batch_id=message.batch_id)
+    if message.report_version is None:
+        newer = newer.filter(report_version__isnull=False)
+    else:
+        newer = newer.filter(report_version__number__gt=message.report_version.number)
     if newer.exists():
         raise ResendRefused("A later version of this report was sent to this destination; resend that one instead.")
     now = timezone.now()

@@ -128,9 +128,18 @@ class OutboxMessage(models.Model):
     laboratory = models.ForeignKey(Laboratory, on_delete=models.CASCADE, related_name="lis_messages")
     destination = models.ForeignKey(Destination, on_delete=models.PROTECT, related_name="messages")
     batch = models.ForeignKey(Batch, on_delete=models.PROTECT, related_name="lis_messages")
-    report_version = models.ForeignKey(ReportVersion, on_delete=models.PROTECT, related_name="lis_messages")
+    report_version = models.ForeignKey(
+        ReportVersion,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="lis_messages",
+        help_text="empty: the AI-only (preliminary, unsigned) result of the finished batch",
+    )
     format = models.CharField(max_length=10, choices=Format.choices)
-    control_id = models.CharField(max_length=60, help_text="MSH-10 / Bundle identifier: stable per report version")
+    control_id = models.CharField(
+        max_length=60, help_text="MSH-10 / Bundle identifier: stable per report version (or per batch, AI-only)"
+    )
     is_correction = models.BooleanField(default=False)
     payload = models.TextField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)

@@ -12,7 +12,7 @@ from reports.models import Batch, ReportVersion
 from .content import LabReport, is_final, report_ai_only, report_for_version
 from .fhir import build_bundle_json
 from .hl7 import build_oru
-from .models import Destination, OutboxMessage
+from .models import Destination, LisSettings, OutboxMessage
 
 FORMAT_OF = {Destination.Kind.MLLP: OutboxMessage.Format.HL7, Destination.Kind.FHIR: OutboxMessage.Format.FHIR}
 
@@ -21,7 +21,7 @@ def payload_for(report: LabReport, message_format: str) -> str:
     return build_oru(report) if message_format == OutboxMessage.Format.HL7 else build_bundle_json(report)
 
 
-def _enqueue(batch: Batch, version: ReportVersion, report: LabReport) -> list[OutboxMessage]:
+def _enqueue(batch: Batch, version: ReportVersion | None, report: LabReport) -> list[OutboxMessage]:
     now = timezone.now()
     payloads: dict[str, str] = {}
     written = []
@@ -60,6 +60,21 @@ def report_signed(version: ReportVersion) -> None:
     if not is_final(version, LabSettings.for_lab(lab_id)):
         return
     _enqueue(version.batch, version, report_for_version(version))
+
+
+def report_ai_only_finished(batch: Batch) -> None:
+    """Call once the worker has finished the batch: when the lab sends AI-only results, write the preliminary
+    (unsigned, status P, automated-differential codes) result for every active destination of the lab. Nothing
+    when the lab does not send them, when the batch is not done, or when a version is already signed (the final
+    result must not be followed by a preliminary one). Calling it again writes nothing new (stable control id)."""
+    lab_id = batch.laboratory_id
+    if batch.status != Batch.Status.DONE or not LisSettings.for_lab(lab_id).send_ai_only:
+        return
+    if not Destination.objects.filter(laboratory_id=lab_id, is_active=True).exists():
+        return
+    if batch.report_versions.filter(signed_at__isnull=False).exists():
+        return
+    _enqueue(batch, None, report_ai_only(batch))
 
 
 def messages_for_version(version: ReportVersion) -> dict[str, str]:

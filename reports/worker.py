@@ -35,6 +35,7 @@ from wbc_ml.inference import ModelUnavailable, get_classifier
 from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
 from .models import Batch, BatchItem
+from .signals import send_batch_finished
 from .submission import DECODE_WORKERS, enqueue
 from .tasks_queue import batches_waiting_for_a_task
 from .thumbnails import make_thumbnail, stored_thumbnails
@@ -147,9 +148,12 @@ def _process(batch_id: int, lease: uuid.UUID) -> str:
         return lost
     if not _classify_pending(batch, lease, classifier):  # what was downloaded
         return lost
-    Batch.objects.filter(pk=batch_id, lease=lease).update(
+    finished = Batch.objects.filter(pk=batch_id, lease=lease).update(
         status=Batch.Status.DONE, finished_at=timezone.now(), error=""
     )
+    if not finished:
+        return lost
+    transaction.on_commit(lambda: send_batch_finished(batch_id))  # e.g. lis sends an AI-only result
     return "done"
 
 
