@@ -6,14 +6,13 @@ Tiny real Keras models and generated cell images; one slower test adapts a bundl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.conftest import BUNDLED_MODELS, SHARED_DATA, TINY_SIZE, build_tiny_model, image_bytes
+from tests.conftest import BUNDLED_MODELS, TINY_SIZE, build_tiny_model, image_bytes, require_shared_data
 from wbc_ml.checksums import file_sha256
 from wbc_ml.datasets import WBC_CLASSES
 
@@ -186,23 +185,12 @@ def test_fewer_than_five_cells_per_class_are_refused_with_a_clear_message(lab, t
     assert check_counts({"basophil": 1, "eosinophil": 5, "lymphocyte": 9}) == ["basophil"]
 
 
-def require_bccd() -> Path:
-    """The BCCD images: missing is a skip on a developer's machine, a failure in CI (CI=true)."""
-    bccd = SHARED_DATA / "bccd"
-    if not bccd.is_dir():
-        reason = f"BCCD images not found at {bccd} (set WBC_DATA_DIR to the shared data folder)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    return bccd
-
-
 def test_a_bundled_model_adapted_to_bccd_beats_the_unadapted_one_on_unseen_cells(tmp_path):
     from wbc_ml import datasets
     from wbc_ml.adaptation import AdaptConfig, adapt_model, choose_cells
     from wbc_ml.evaluation import evaluate_saved_model
 
-    bccd = require_bccd()
+    bccd = require_shared_data("bccd")
     base = BUNDLED_MODELS / "enhanced_cnn_v2.keras"
     cells = choose_cells(datasets.list_images(bccd), list(WBC_CLASSES), per_class=10, seed=0)
     out = tmp_path / "bccd.keras"

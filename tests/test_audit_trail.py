@@ -198,7 +198,7 @@ def test_a_signed_slides_verifications_are_read_only_in_the_admin(admin_client, 
     assert verification.verified_class == "monocyte"
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="the append-only trigger is PostgreSQL's")
+@pytest.mark.postgresql
 @pytest.mark.parametrize("statement", ["UPDATE {table} SET history_change_reason = 'edited'", "DELETE FROM {table}"])
 def test_postgresql_refuses_raw_update_and_delete_of_the_trail(tech_client, slide, statement):
     _classify(tech_client, slide, [_cell(slide, "low.png")], "monocyte")

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES = ("127.0.0.1", 5432)
@@ -50,11 +50,11 @@ def test_migrate_from_an_empty_sqlite_database(tmp_path):
     migrate_from_empty(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
 
 
-@pytest.mark.skipif(
-    not postgres_available() and os.environ.get("CI") != "true", reason="no PostgreSQL on 127.0.0.1:5432"
-)
 def test_migrate_from_an_empty_postgresql_database():
     import psycopg
+
+    if not postgres_available():
+        unavailable("no PostgreSQL on 127.0.0.1:5432")
 
     name = f"wbc_migrate_{uuid.uuid4().hex[:12]}"
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as admin:

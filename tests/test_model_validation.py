@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
 from wbc_ml import vetting
 from wbc_ml.checksums import file_sha256
 from wbc_ml.vetting import (
@@ -555,7 +556,7 @@ def test_the_child_gets_a_scrubbed_environment_a_private_home_and_resource_limit
 
 def test_the_child_has_no_network_where_the_host_allows_it(listener):
     if vetting.network_isolation() is None:
-        pytest.skip("unshare cannot make a network namespace on this host (documented in wbc_ml/vetting.py)")
+        unavailable("unshare cannot make a network namespace on this host (documented in wbc_ml/vetting.py)")
     report = vetting.describe_sandbox(connect_port=listener)
     assert report["network"].startswith("unreachable"), report["network"]
     # the same probe without the namespace does reach the listener, so the check above can fail
