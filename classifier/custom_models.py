@@ -45,7 +45,56 @@ def register_custom_model(
         for chunk in uploaded_file.chunks():
             handle.write(chunk)
         incoming = Path(handle.name)
-    placed: list[Path] = [incoming]  # this upload's own files, removed on any failure
+    card = {"uploaded_file": uploaded_file.name, "validated": True}
+    return _register_incoming(
+        user, incoming, name=name, class_names=class_names, normalization=normalization, card=card
+    )
+
+
+def register_lab_model_file(
+    user,
+    source: Path,
+    *,
+    name: str,
+    class_names: list[str],
+    normalization: dict,
+    temperature: float,
+    card: dict,
+    ood_source: Path | None,
+    architecture: str,
+) -> ClassifierModel:
+    """Register a model file the platform made for ``user``'s lab (an adaptation) exactly like an upload: checked by
+    the vetting child, which makes its ONNX copy, and stored under its own path, with its detector file beside it.
+
+    Raises :class:`ModelRejected`; on any failure nothing is kept (``source`` itself is left alone).
+    """
+    folder = Path(settings.WBC_CUSTOM_MODELS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".incoming-", delete=False) as handle:
+        incoming = Path(handle.name)
+    shutil.copyfile(source, incoming)
+    return _register_incoming(
+        user, incoming, name=name, class_names=class_names, normalization=normalization, card=card,
+        temperature=temperature, ood_source=ood_source, architecture=architecture,
+    )  # fmt: skip
+
+
+def _register_incoming(
+    user,
+    incoming: Path,
+    *,
+    name: str,
+    class_names: list[str],
+    normalization: dict,
+    card: dict,
+    temperature: float = 1.0,
+    ood_source: Path | None = None,
+    architecture: str = "",
+) -> ClassifierModel:
+    """Vet ``incoming`` (a file in the custom models folder), move it and its ONNX copy (and detector file) to their
+    own paths and save the row; on any failure every file of this registration is removed."""
+    folder = Path(settings.WBC_CUSTOM_MODELS_DIR)
+    placed: list[Path] = [incoming]  # this registration's own files, removed on any failure
     try:
         sha256 = file_sha256(incoming)
         if ClassifierModel.objects.filter(sha256=sha256, laboratory=user.laboratory).exists():
@@ -67,21 +116,27 @@ def register_custom_model(
         final.parent.mkdir(parents=True, exist_ok=True)
         placed.append(final)
         shutil.move(incoming, final)
+        ood_name = f"{stem}.ood.npz" if ood_source is not None else ""
+        if ood_source is not None:
+            placed.append(folder / ood_name)
+            shutil.copyfile(ood_source, folder / ood_name)
         record = ClassifierModel(
             name=name,
-            architecture=f"custom ({validated.format})",
+            architecture=architecture or f"custom ({validated.format})",
             file_name=file_name,
             sha256=validated.sha256,
             input_height=validated.input_size[0],
             input_width=validated.input_size[1],
             normalization=normalization,
             class_names=class_names,
-            temperature=1.0,
+            temperature=temperature,
+            ood_file_name=ood_name,
+            ood_sha256=file_sha256(folder / ood_name) if ood_name else "",
             parameters=validated.parameters,
             onnx_file_name=onnx_file_name(stem),
             onnx_sha256=validated.onnx_sha256,
             onnx_status=validated.onnx_status[:500],
-            card={"uploaded_file": uploaded_file.name, "format": validated.format, "validated": True},
+            card={**card, "format": validated.format},
             is_bundled=False,
             laboratory_id=user.laboratory_id,
             uploaded_by=user,
@@ -92,6 +147,14 @@ def register_custom_model(
             path.unlink(missing_ok=True)
         raise
     return record
+
+
+def remove_files(record: ClassifierModel) -> None:
+    """Delete a lab model's own files (model, ONNX copy, detectors): for a registration undone before use."""
+    if record.is_bundled:
+        raise ValueError(f"{record} is a bundled model: its files are shared")
+    for path in (record.path, *(p for p in (record.spec().onnx_path, record.spec().ood_path) if p is not None)):
+        path.unlink(missing_ok=True)
 
 
 def onnx_required_message(onnx_status: str) -> str:

@@ -61,9 +61,13 @@ class ClassifierModel(models.Model):
         return f"{self.name} v{self.version}"
 
     @property
+    def folder(self) -> Path:
+        """Where the model file and its detector file live: the bundled models' folder, or the lab models' one."""
+        return Path(settings.WBC_MODELS_DIR if self.is_bundled else settings.WBC_CUSTOM_MODELS_DIR)
+
+    @property
     def path(self) -> Path:
-        folder = settings.WBC_MODELS_DIR if self.is_bundled else settings.WBC_CUSTOM_MODELS_DIR
-        return Path(folder) / self.file_name
+        return self.folder / self.file_name
 
     @property
     def normalization_label(self) -> str:
@@ -94,7 +98,7 @@ class ClassifierModel(models.Model):
 
     def spec(self, normalization: dict | None = None) -> ModelSpec:
         """How to serve this model; ``normalization`` overrides the card's (the user's choice)."""
-        ood = Path(settings.WBC_MODELS_DIR) / self.ood_file_name if self.ood_file_name else None
+        ood = self.folder / self.ood_file_name if self.ood_file_name else None
         onnx = Path(settings.WBC_ONNX_DIR) / self.onnx_file_name if self.onnx_file_name else None
         return ModelSpec(
             onnx_path=onnx,

@@ -17,6 +17,7 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("batches/", include("reports.urls")),
     path("lis/", include("lis.urls")),
+    path("adaptation/", include("adaptation.urls")),
     path("", include("accounts.urls")),
     path("", include("classifier.urls")),
 ]
