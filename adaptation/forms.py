@@ -10,7 +10,7 @@ class StartForm(forms.Form):
 
     base_model = ModelChoiceField(label="Base model")
     sources = forms.MultipleChoiceField(
-        choices=[(VERIFIED, SOURCE_LABELS[VERIFIED].capitalize()), (EVALUATION, SOURCE_LABELS[EVALUATION].capitalize())],
+        choices=[(source, SOURCE_LABELS[source].capitalize()) for source in (VERIFIED, EVALUATION)],
         widget=forms.CheckboxSelectMultiple,
         required=False,
         label="Labelled cells of your laboratory",

@@ -57,7 +57,9 @@ def comparison(evaluation: dict, class_names: list[str]) -> dict:
         "headline": [{"name": n, "base": b, "adapted": a} for n, b, a in headline],
         "accuracy_95ci": {"base": base.get("accuracy_95ci"), "adapted": adapted.get("accuracy_95ci")},
         "recall": recall,
-        "matrices": [("Base", _matrix(base["metrics"], class_names)), ("Adapted", _matrix(adapted["metrics"], class_names))],
+        "matrices": [
+            (title, _matrix(result["metrics"], class_names)) for title, result in (("Base", base), ("Adapted", adapted))
+        ],
         "class_names": class_names,
         "files": evaluation.get("files") or [],
     }

@@ -11,12 +11,14 @@ leaves no model, no registered file, and no working folder behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import transaction
@@ -197,7 +199,13 @@ def _adapt(job: AdaptationJob, workdir: Path) -> str:
     card["held_back"] = {"description": "cells kept out of adaptation and cross-validation", **evaluation}
     progress.at("registering the adapted model (checked like an upload, ONNX copy)")
     reporter.check()
-    return _register(job, out, card, evaluation)
+    return _register(job, out, plain_json(card), plain_json(evaluation))
+
+
+def plain_json(value):
+    """``value`` as strict JSON (the database refuses NaN): non-finite numbers become null, NumPy values plain."""
+    text = json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    return json.loads(text, parse_constant=lambda _constant: None)
 
 
 def _measured(result: dict) -> dict:

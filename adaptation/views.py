@@ -124,7 +124,7 @@ def _act(request: HttpRequest, pk: int, action, done: str) -> HttpResponse:
 
 @require_POST
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
-    return _act(request, pk, services.cancel, "Cancel requested: the job stops at its next step; nothing is registered.")
+    return _act(request, pk, services.cancel, "Cancel requested: the job stops at its next step, registering nothing.")
 
 
 @require_POST

@@ -30,7 +30,22 @@ _EXPORTS = {
     "Progress": ".progress",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "METHODS",
+    "MIN_CELLS_PER_CLASS",
+    "AdaptConfig",
+    "Adaptation",
+    "AdaptationRefused",
+    "Adapted",
+    "Cancelled",
+    "Candidate",
+    "Progress",
+    "adapt_model",
+    "check_counts",
+    "choose",
+    "choose_cells",
+    "unseen",
+]
 
 if TYPE_CHECKING:
     from .cells import MIN_CELLS_PER_CLASS, AdaptationRefused, check_counts, choose_cells, unseen
