@@ -7,6 +7,8 @@ Tiny real Keras models, generated cell images stored like a slide's, real signed
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -25,7 +27,7 @@ from adaptation.cells import HELD_BACK, TRAIN, LabelledCell, split_cells
 from adaptation.models import AdaptationJob
 from classifier.models import ClassifierModel
 from reports.models import Batch, BatchItem, CellVerification, EvaluationRun, ReportVersion
-from tests.conftest import image_bytes, make_known_batch, start_worker
+from tests.conftest import REPO, image_bytes, make_known_batch, start_worker
 from wbc_ml.datasets import WBC_CLASSES
 
 COLOURS = {  # one look per class, so that even an untrained network's features separate them
@@ -347,3 +349,35 @@ def test_a_slide_that_looks_out_of_scope_points_to_the_adaptation_page(tech_clie
     page = tech_client.get(reverse("reports:batch", args=[batch.uid]))
     assert b'id="out-of-scope"' in page.content
     assert b'id="adapt-link"' in page.content and reverse("adaptation:page").encode() in page.content
+
+
+@pytest.mark.django_db
+def test_an_evaluation_run_keeps_its_labels_and_they_count_as_labelled_cells(model_admin, tiny_record):
+    from adaptation.cells import EVALUATION, lab_cells
+    from reports.services import create_evaluation
+
+    rows = [(f"cell{i}.png", i % 5, 0.9, False) for i in range(10)]
+    batch = make_known_batch(model_admin, tiny_record, rows)
+    rng = np.random.default_rng(3)
+    for item in batch.items.exclude(prediction=None):
+        item.image = default_storage.save(
+            f"batches/test/{item.original_filename}", ContentFile(cell_png("basophil", rng))
+        )
+        item.save(update_fields=["image"])
+    csv = "filename,class\n" + "".join(f"cell{i}.png,{WBC_CLASSES[(i + 1) % 5]}\n" for i in range(10))
+    run = create_evaluation(model_admin, batch, csv.encode(), "labels.csv")
+    assert sorted(run.labels.values()) == sorted(WBC_CLASSES[(i + 1) % 5] for i in range(10))
+    found = lab_cells(model_admin, list(WBC_CLASSES), [EVALUATION])
+    assert found.counts() == dict.fromkeys(WBC_CLASSES, 2) and found.per_source[EVALUATION]["basophil"] == 2
+
+
+def test_the_web_process_serves_the_adaptation_pages_without_loading_tensorflow():
+    """Only the worker runs the adaptation: importing the pages and the task must not load TensorFlow."""
+    code = (
+        "import os, sys, django; os.environ['DJANGO_SETTINGS_MODULE'] = 'wbcsite.settings'; django.setup(); "
+        "import wbcsite.urls, adaptation.views, adaptation.tasks, wbc_ml.adaptation as a; a.MIN_CELLS_PER_CLASS; "
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
