@@ -72,6 +72,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context = {
         "job": job,
         "may_manage": services.may_manage(request.user),
+        "sources": [SOURCE_LABELS.get(source, source) for source in job.sources],
         "train_counts": job.counts(TRAIN),
         "held_counts": job.counts(HELD_BACK),
         "comparison": comparison(job.evaluation, list(job.base_model.class_names)) if job.evaluation else None,
