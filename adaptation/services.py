@@ -123,7 +123,7 @@ def promote(user, job: AdaptationJob) -> AdaptationJob:
     """Make the adapted model the lab's default (the API and batches without a model use it)."""
     _require_manager(user)
     with transaction.atomic():
-        job = AdaptationJob.objects.select_for_update().select_related("result_model").get(pk=job.pk)
+        job = AdaptationJob.objects.select_for_update(of=("self",)).select_related("result_model").get(pk=job.pk)
         if job.status != AdaptationJob.Status.READY or job.result_model is None or not job.result_model.is_active:
             raise AdaptationRefused(f"This adaptation is {job.get_status_display()}: only a ready one can be promoted.")
         lab = job.laboratory
@@ -139,7 +139,7 @@ def discard(user, job: AdaptationJob) -> AdaptationJob:
     """Switch the adapted model off; if it is the lab's default, the default goes back to what it was before."""
     _require_manager(user)
     with transaction.atomic():
-        job = AdaptationJob.objects.select_for_update().select_related("result_model").get(pk=job.pk)
+        job = AdaptationJob.objects.select_for_update(of=("self",)).select_related("result_model").get(pk=job.pk)
         if job.status not in (AdaptationJob.Status.READY, AdaptationJob.Status.PROMOTED) or job.result_model is None:
             raise AdaptationRefused(f"This adaptation is {job.get_status_display()}: there is no model to discard.")
         record, lab = job.result_model, job.laboratory
