@@ -12,12 +12,14 @@ from datetime import timedelta
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from classifier.metrics import LATENCY_BUCKETS_SECONDS
 from classifier.models import Prediction
+from classifier.prediction_tally import LATENCY_BUCKETS_SECONDS, TALLY, aggregate
 from lis.models import Destination, OutboxMessage, SlidePatient
 from reports.models import Batch, BatchItem, WorkerHeartbeat
 from tests.factories import ClassifierModelFactory
@@ -25,7 +27,7 @@ from wbc_ml.datasets import WBC_CLASSES
 from wbcsite.settings import env_networks
 
 TOKEN = "metrics-test-token-0123456789abcdef"
-TINY_MS = [0.5, 3.0, 7.0, 40.0, 40.0, 900.0, 20000.0]  # tiny_record's images (one made 10 minutes ago)
+TINY_MS = [0.5, 3.0, 7.0, 40.0, 40.0, 900.0, 20000.0]  # tiny_record's images (the first made 30 minutes ago)
 LAB_MODEL_MS = [12.0, 30.0]
 SECRET_WORDS = ("Lab A", "tech_a", "St Elsewhere Haematology model", "ACC-SECRET-42", "cell-of-jane-doe", "MRN-998877")
 
@@ -91,6 +93,14 @@ def make_message(batch: Batch, destination: Destination, status: str, *, minutes
         OutboxMessage.objects.filter(pk=message.pk).update(created_at=timezone.now() - timedelta(minutes=minutes_ago))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_tally():
+    """The web process keeps a tally of settled predictions; each test starts from another database."""
+    TALLY.forget()
+    yield
+    TALLY.forget()
+
+
 @pytest.fixture
 def lab_model(lab_a):
     return ClassifierModelFactory(name="St Elsewhere Haematology model", laboratory=lab_a, is_bundled=False)
@@ -101,7 +111,7 @@ def busy_platform(technologist, tiny_record, lab_model):
     """A platform caught mid-work: predictions of two models, batches in every state, workers alive, stale, gone
     and stopped, and LIS messages pending, failed and delivered."""
     for index, ms in enumerate(TINY_MS):
-        make_prediction(technologist, tiny_record, ms, minutes_ago=10 if index == 0 else 0)
+        make_prediction(technologist, tiny_record, ms, minutes_ago=30 if index == 0 else 0)
     for ms in LAB_MODEL_MS:
         make_prediction(technologist, lab_model, ms)
 
@@ -176,6 +186,39 @@ def test_predictions_counter_and_latency_histogram_per_model(client, busy_platfo
     assert value(per_second, "wbc_images_per_second_last_minute", model=f"lab-model-{lab_model.pk}") == (
         pytest.approx(2 / 60)
     )
+
+
+def test_later_scrapes_add_only_the_new_predictions_and_agree_with_a_full_count(
+    client, busy_platform, technologist, tiny_record, lab_model
+):
+    scrape(client)
+    for minutes_ago, ms in ((45, 2.0), (20, 60.0), (0, 700.0)):  # two settle into the tally, one stays recent
+        make_prediction(technologist, tiny_record, ms, minutes_ago=minutes_ago)
+    make_prediction(technologist, lab_model, 1.5, minutes_ago=15)
+
+    with CaptureQueriesContext(connection) as queries:
+        metrics = scrape(client)
+    full = aggregate(Prediction.objects.all())
+    tally = TALLY.by_model()
+    assert {pk: (e.count, e.cumulative) for pk, e in tally.items()} == {
+        pk: (e.count, e.cumulative) for pk, e in full.items()
+    }
+    assert [e.sum_seconds for e in tally.values()] == pytest.approx([full[pk].sum_seconds for pk in tally])
+    counter = metrics["wbc_predictions"]
+    assert (
+        value(counter, "wbc_predictions_total", model="Tiny CNN v1") == len(TINY_MS) + 3 == full[tiny_record.pk].count
+    )
+    assert value(counter, "wbc_predictions_total", model=f"lab-model-{lab_model.pk}") == len(LAB_MODEL_MS) + 1
+    histogram = metrics["wbc_classification_latency_seconds"]
+    assert value(histogram, "wbc_classification_latency_seconds_bucket", model="Tiny CNN v1", le="0.0025") == 2
+    assert value(histogram, "wbc_classification_latency_seconds_sum", model="Tiny CNN v1") == pytest.approx(
+        (sum(TINY_MS) + 762.0) / 1000
+    )
+    # Cheap on a large table: after the first scrape, predictions are read only above the settled id (a primary-key
+    # range), in the last minute or the newest settled one (created_at index), never counted over the whole table.
+    reads = [q["sql"] for q in queries.captured_queries if 'FROM "classifier_prediction"' in q["sql"]]
+    bounded = ('"classifier_prediction"."id" > ', '"classifier_prediction"."created_at" >= ', "LIMIT 1")
+    assert reads and all(any(bound in sql for bound in bounded) for sql in reads), reads
 
 
 def test_worker_heartbeat_ages_per_running_worker_and_the_youngest(client, busy_platform):
