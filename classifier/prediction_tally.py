@@ -7,13 +7,13 @@ zero on every restart; the ``Prediction`` table already holds every classified i
 ``processing_ms``, shared by all hosts. Its counts per model and per bucket are true cumulative histogram buckets,
 so Prometheus' ``rate()`` and ``histogram_quantile()`` work on them as on any histogram.
 
-Why not one aggregate over the whole table per scrape: that is a full scan, ~0.5–0.7 s per million predictions on
-PostgreSQL (measured, docs/deploy.md), and the table only grows. Predictions are never changed once written, so the
-tally of the *settled* rows (ids up to that of the newest row written more than ``SETTLE`` ago, whose transactions
-have long committed) is kept in the process, and each scrape adds only the rows above it: a primary-key range, a few
-rows. The settled tally moves up at each scrape and is recomputed from scratch every ``REFRESH`` (it would otherwise
-keep rows deleted since, e.g. a laboratory removed). Every process reaches the same totals whatever its tally's
-boundary, so scrapes answered by different processes or hosts agree.
+Why not one aggregate over the whole table per scrape: that is a full scan, 0.7–1.1 s per million predictions on
+PostgreSQL (``benchmarks/metrics_scrape.py`` on a shared 2-core machine), and the table only grows. Predictions are
+never changed once written, so the tally of the *settled* rows (ids up to that of the newest row written more than
+``SETTLE`` ago, whose transactions have long committed) is kept in the process, and each scrape adds only the rows
+above it: a primary-key range, a few rows. The settled tally moves up at each scrape and is recomputed from scratch
+every ``REFRESH`` (it would otherwise keep rows deleted since, e.g. a laboratory removed). Every process reaches the
+same totals whatever its tally's boundary, so scrapes answered by different processes or hosts agree.
 """
 
 from __future__ import annotations
