@@ -187,6 +187,7 @@ def fit_ood(
     non_wbc_features: np.ndarray | None = None,
     hidden_units: int = HIDDEN_UNITS,
     alpha: float = ALPHA,
+    seeds: int = ENSEMBLE_SEEDS,
 ) -> OodDetector:
     """Fit both detectors; ``val_confidence`` is the calibrated top probability of each validation image."""
     from sklearn.covariance import LedoitWolf
@@ -208,8 +209,7 @@ def fit_ood(
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
     members = [
-        MLPClassifier((hidden_units,), alpha=alpha, max_iter=300, random_state=seed).fit(z, y)
-        for seed in range(ENSEMBLE_SEEDS)
+        MLPClassifier((hidden_units,), alpha=alpha, max_iter=300, random_state=seed).fit(z, y) for seed in range(seeds)
     ]
     detector.feature_mean, detector.feature_std = mean, std
     detector.hidden_weights = np.stack([m.coefs_[0] for m in members])

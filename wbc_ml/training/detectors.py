@@ -9,7 +9,7 @@ import numpy as np
 from .. import datasets
 from ..checksums import file_sha256
 from ..metrics import apply_temperature, wilson
-from ..ood import ALPHA, HIDDEN_UNITS, NonWbcParts, OodDetector, fit_ood, split_non_wbc
+from ..ood import ALPHA, ENSEMBLE_SEEDS, HIDDEN_UNITS, NonWbcParts, OodDetector, fit_ood, split_non_wbc
 from ..review_flag import DEFAULT_THRESHOLD
 from .augmentation import dihedral_views
 from .common import features_and_probs
@@ -49,7 +49,8 @@ def fit_and_choose_detector(
     fit_features: np.ndarray | None,
     choose: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[OodDetector, dict]:
-    """Fit a detector per candidate and keep the one that flags most of the choose third.
+    """Fit a one-seed detector per candidate, keep the candidate that flags most of the choose third, and fit it
+    again as the full ensemble.
 
     ``train`` is (features, labels) of the WBC train split, ``val`` (features, calibrated probabilities) of the WBC
     validation split, ``choose`` (features, calibrated probabilities) of the choose third of non-WBC cells. Every
@@ -58,24 +59,25 @@ def fit_and_choose_detector(
     """
     val_features, val_probs = val
 
-    def fit(units: int, alpha: float) -> OodDetector:
-        return fit_ood(*train, val_features, val_probs.max(axis=1), fit_features, hidden_units=units, alpha=alpha)
+    def fit(units: int, alpha: float, seeds: int = ENSEMBLE_SEEDS) -> OodDetector:
+        return fit_ood(
+            *train, val_features, val_probs.max(axis=1), fit_features, hidden_units=units, alpha=alpha, seeds=seeds
+        )
 
     if fit_features is None or choose is None:
         return fit(HIDDEN_UNITS, ALPHA), {}
-    scores = {}
-    best = None
-    for units, alpha in DETECTOR_CANDIDATES:
-        detector = fit(units, alpha)
-        share = float(flagged(choose[1], detector, choose[0]).mean())
-        scores[f"{units} units, alpha {alpha:g}"] = share
-        if best is None or share > best[0]:
-            best = (share, detector)
-    choice = {
-        "chosen_on": f"{len(choose[0])} images of the choose third of pbc-non-wbc/ (flagged share per candidate)",
-        "candidates": scores,
+    scores = {
+        (units, alpha): float(flagged(choose[1], fit(units, alpha, seeds=1), choose[0]).mean())
+        for units, alpha in DETECTOR_CANDIDATES
     }
-    return best[1], choice
+    units, alpha = max(DETECTOR_CANDIDATES, key=lambda candidate: scores[candidate])
+    choice = {
+        "chosen_on": f"{len(choose[0])} images of the choose third of pbc-non-wbc/: the share each candidate (one "
+        "seed) flags; the best is then fitted as the full ensemble",
+        "candidates": {f"{u} units, alpha {a:g}": share for (u, a), share in scores.items()},
+        "chosen": f"{units} units, alpha {alpha:g}",
+    }
+    return fit(units, alpha), choice
 
 
 def fit_detectors(
