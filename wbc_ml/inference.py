@@ -323,6 +323,11 @@ class Classifier:
         return self.normalization.apply(pixels)
 
     @property
+    def serves_with_tensorflow(self) -> bool:
+        """Whether this process serves the model with TensorFlow (the fallback for a bundled model)."""
+        return isinstance(self.backend, KerasBackend)
+
+    @property
     def has_gradcam(self) -> bool:
         """Whether the served ONNX copy gives Grad-CAM maps (else they are made by TensorFlow in a child)."""
         return self.backend.with_gradcam
