@@ -77,6 +77,13 @@ def keras_gradcam_raw(model, batch: np.ndarray, class_index: int, layer_name: st
     ``batch`` is normalised model input. The reference the ONNX map (:mod:`wbc_ml.cam_export`) is checked against,
     and the sandboxed child's method for a model whose head that export cannot differentiate.
     """
+    return keras_gradcam_raw_classes(model, batch, [class_index], layer_name)[..., 0]
+
+
+def keras_gradcam_raw_classes(
+    model, batch: np.ndarray, class_indices: list[int], layer_name: str | None = None
+) -> np.ndarray:
+    """:func:`keras_gradcam_raw` for several classes, shape (B, H, W, len(class_indices)): one forward pass."""
     tf = _tf()
     import keras
 
@@ -84,12 +91,15 @@ def keras_gradcam_raw(model, batch: np.ndarray, class_index: int, layer_name: st
     scores, are_logits = _class_scores(model, model.outputs[0])
     grad_model = keras.Model(model.inputs, [feature_map, scores])
     x = tf.convert_to_tensor(batch)
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         activations, out = grad_model(x, training=False)
-        score = out[:, class_index] if are_logits else tf.math.log(out[:, class_index] + 1e-12)
-    grads = tape.gradient(score, activations).numpy()
-    weights = grads.mean(axis=(1, 2), keepdims=True)
-    return (activations.numpy() * weights).sum(axis=-1)
+        chosen = [out[:, c] if are_logits else tf.math.log(out[:, c] + 1e-12) for c in class_indices]
+    maps = []
+    for score in chosen:
+        weights = tape.gradient(score, activations).numpy().mean(axis=(1, 2), keepdims=True)
+        maps.append((activations.numpy() * weights).sum(axis=-1))
+    del tape
+    return np.stack(maps, axis=-1)
 
 
 def gradcam_from_raw(raw: np.ndarray) -> np.ndarray:
