@@ -20,7 +20,7 @@ COLORMAP = "turbo"
 OVERLAY_FORMAT = "WEBP"
 OVERLAY_SUFFIX = ".webp"
 OVERLAY_CONTENT_TYPE = "image/webp"
-OVERLAY_WEBP_METHOD = 2  # 0 (fastest) .. 6 (smallest): 2 keeps encoding at a few ms for a 360 px cell
+OVERLAY_WEBP_METHOD = 0  # 0 (fastest) .. 6 (smallest): 0 encodes a 360 px cell ~2x faster than 4, 5% larger
 
 
 def _tf():
@@ -142,25 +142,26 @@ def saliency_map(classifier: Classifier, pixels: np.ndarray, class_index: int, m
 
 @functools.cache
 def _colour_table() -> np.ndarray:
-    """The colour map as a 256 x 3 table (float32 in [0, 1]), computed once per process."""
+    """The colour map as a 256 x 3 uint8 table, computed once per process."""
     from matplotlib import colormaps
 
-    return colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+    return np.round(colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
     """Blend a [0, 1] heatmap, coloured with a perceptual colour map, over the original image; WebP bytes.
 
-    WebP at quality 90 is a fraction of PNG's size and a few milliseconds to encode (PNG with ``optimize`` took
-    longer than the model itself); the overlay is a picture for the eye, not data.
+    WebP is a fraction of PNG's size and a few milliseconds to encode (PNG with ``optimize`` took longer than the
+    model itself); the overlay is a picture for the eye, not data. Colouring is a table look-up and the blend is
+    Pillow's, so the whole overlay costs a few milliseconds for a 360 px cell.
     """
     base = image.convert("RGB")
-    heat = Image.fromarray((heatmap * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR)
-    coloured = _colour_table()[np.asarray(heat)]
-    blended = (1 - alpha) * np.asarray(base, dtype=np.float32) / 255.0 + alpha * coloured
-    out = Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8))
+    heat = Image.fromarray((np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)).resize(
+        base.size, Image.Resampling.BILINEAR
+    )
+    coloured = Image.fromarray(_colour_table()[np.asarray(heat)], "RGB")
     buffer = io.BytesIO()
-    out.save(buffer, format=OVERLAY_FORMAT, quality=90, method=OVERLAY_WEBP_METHOD)
+    Image.blend(base, coloured, alpha).save(buffer, format=OVERLAY_FORMAT, quality=90, method=OVERLAY_WEBP_METHOD)
     return buffer.getvalue()
 
 
