@@ -157,7 +157,7 @@ class Client:
         self.base, self.tally = f"{stack.base_url}/api/v1", tally
         self.abort = abort or threading.Event()  # set on Ctrl+C or a failure: every loop below ends at once
         self.session = requests.Session()
-        self.session.verify = str(stack.cert)  # TLS checked against the stack's own self-signed certificate
+        self.cert = str(stack.cert)  # TLS checked against the stack's own self-signed certificate
         self.session.headers["Authorization"] = f"Token {token}"
 
     def request(self, kind: str, method: str, url: str, **kwargs):
@@ -166,7 +166,8 @@ class Client:
 
         started = time.perf_counter()
         try:
-            response = self.session.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs)
+            # verify per request: a session's own would lose to REQUESTS_CA_BUNDLE (requests issue 3829)
+            response = self.session.request(method, url, timeout=REQUEST_TIMEOUT, verify=self.cert, **kwargs)
         except requests.RequestException as exc:
             self.tally.transport_error(kind, exc)
             return None
