@@ -566,6 +566,7 @@ def main() -> int:
                 print(f"Stack up at {stack.base_url} (logs in {workdir / 'logs'}); measuring ...", flush=True)
                 measure(stack, args, batch_images, single_images, results)
     except KeyboardInterrupt:
+        keep = True
         print(f"\nInterrupted: every child process was stopped and the database dropped (logs: {workdir / 'logs'}).")
         return 130
     except BaseException:

@@ -9,6 +9,7 @@ also on Ctrl+C or SIGTERM; only the database this module created is ever dropped
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -96,6 +98,7 @@ class Children:
         log = (self.logs / f"{name}.log").open("wb")
         process = subprocess.Popen(
             args,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - children start from the main thread before any other
             cwd=REPO,
             env=env,
             stdout=log,
@@ -111,6 +114,10 @@ class Children:
         return self.logs / f"{name}.log"
 
     def stop_all(self) -> None:
+        with shielded():
+            self._stop_all()
+
+    def _stop_all(self) -> None:
         for _, process in reversed(self.processes):
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -123,6 +130,14 @@ class Children:
         self.processes.clear()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not glibc: the process groups are still stopped on every normal exit
+        pass
+
+
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)  # the child leads its own group: its own children go too
@@ -130,19 +145,40 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def signals_unwind() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl+C, so every ``finally`` below runs and no child is left behind."""
+    """Ctrl+C, SIGTERM and SIGHUP unwind as KeyboardInterrupt, so every ``finally`` runs and no child is left
+    behind (SIGINT too, even where a shell started this script with it ignored)."""
 
     def interrupt(signum, _frame):
+        if _TEARDOWN.is_set():
+            print("Stopping the stack; please wait.", file=sys.stderr, flush=True)
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_TEARDOWN = threading.Event()
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Within this block a stop signal is ignored (see :func:`signals_unwind`): a second Ctrl+C cannot cut a
+    teardown short and leave children or the database behind."""
+    _TEARDOWN.set()
+    try:
+        yield
+    finally:
+        _TEARDOWN.clear()
 
 
 # --- services ---------------------------------------------------------------------------------------------------
@@ -161,7 +197,7 @@ def throwaway_database(server_url: str) -> Iterator[str]:
     try:
         yield urlunsplit(parts._replace(path=f"/{name}"))
     finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+        with shielded(), psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
