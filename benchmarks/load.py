@@ -368,6 +368,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls of a batch")
     parser.add_argument("--deadline", type=float, default=1800, help="seconds the loaded phase may take at most")
     parser.add_argument("--raw-images", type=int, default=300, help="images timed through raw ONNX Runtime")
+    parser.add_argument("--storage", choices=("s3", "local"), default="s3", help="media and model files: S3 (moto) "
+                        "or this host's folders, to compare")  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the stack's folder (logs) afterwards")
     args = parser.parse_args()
     if min(args.users, args.images, args.web, args.workers, args.idle_singles) < 1:
@@ -500,7 +502,8 @@ def report(args: argparse.Namespace, results: Results) -> bool:
     print(
         f"\nLoad test: {args.users} users x {args.images} images ({results.source}), model {results.model}; "
         f"{args.web} web processes (gthread x{args.threads}, HTTPS), {args.workers} workers ({threads}); "
-        f"PostgreSQL + S3 (moto) on loopback; {os.cpu_count()} CPU cores (client on the same machine)\n"
+        f"PostgreSQL + {'S3 (moto)' if args.storage == 's3' else 'local folders'} on loopback; "
+        f"{os.cpu_count()} CPU cores (client on the same machine)\n"
     )
     rows = [
         ("throughput, end to end (submit to last batch done)", f"{rate:.1f} img/s", ""),
@@ -560,6 +563,7 @@ def main() -> int:
     try:
         with signals_unwind():
             stack_options = {"web_processes": args.web, "threads": args.threads, "workers": args.workers}
+            stack_options["s3"] = args.storage == "s3"
             with running_stack(
                 workdir, postgres=args.postgres, onnx_threads=args.onnx_threads, api_rate=args.api_rate, **stack_options
             ) as stack:

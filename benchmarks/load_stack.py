@@ -266,6 +266,14 @@ class Stack:
                 raise StackError(f"{name} exited with {process.returncode}; see {self.children.log(name)}")
 
 
+S3_ENV = {  # moto accepts any credentials; these are for the throw-away bucket only
+    "AWS_S3_REGION_NAME": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "load-benchmark",
+    "AWS_SECRET_ACCESS_KEY": "load-benchmark",
+    "AWS_S3_ADDRESSING_STYLE": "path",
+}
+
+
 def stack_env(workdir: Path, database_url: str, api_rate: str) -> dict[str, str]:
     """The environment every process of the stack shares (as every host of a deployment would)."""
     env = {
@@ -278,27 +286,31 @@ def stack_env(workdir: Path, database_url: str, api_rate: str) -> dict[str, str]
         "WBC_CUSTOM_MODELS_DIR": str(workdir / "custom-models"),
         "WBC_MODEL_CACHE_DIR": str(workdir / "model-cache"),
         "WBC_WORKER_WAKEUP_DIR": str(workdir / "wakeup"),
-        "AWS_STORAGE_BUCKET_NAME": f"wbc-load-{uuid.uuid4().hex[:12]}",
-        "AWS_S3_REGION_NAME": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "load-benchmark",
-        "AWS_SECRET_ACCESS_KEY": "load-benchmark",
-        "AWS_S3_ADDRESSING_STYLE": "path",
         "WBC_API_RATE": api_rate,
         "WBC_API_SUBMIT_RATE": api_rate,
         "AXES_ENABLED": "0",
         "LOG_LEVEL": "WARNING",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    for name in ("REDIS_URL", "WBC_ENV", "AWS_PROFILE", "AWS_SESSION_TOKEN"):  # nothing of the caller's own setup
-        env.pop(name, None)
+    for name in ("REDIS_URL", "WBC_ENV", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_STORAGE_BUCKET_NAME"):
+        env.pop(name, None)  # nothing of the caller's own deployment
     return env
 
 
 @contextmanager
 def running_stack(
-    workdir: Path, *, postgres: str, web_processes: int, threads: int, workers: int, onnx_threads: int, api_rate: str
+    workdir: Path,
+    *,
+    postgres: str,
+    web_processes: int,
+    threads: int,
+    workers: int,
+    onnx_threads: int,
+    api_rate: str,
+    s3: bool = True,
 ) -> Iterator[Stack]:
-    """Start the whole stack in ``workdir`` (logs in ``workdir/logs``); everything is stopped and dropped after."""
+    """Start the whole stack in ``workdir`` (logs in ``workdir/logs``); everything is stopped and dropped after.
+    Without ``s3`` files stay in folders under ``workdir`` (the single-host default), to see what S3 costs."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:
@@ -306,9 +318,10 @@ def running_stack(
         env = stack_env(workdir, database_url, api_rate)
         children = Children(logs)
         cleanup.callback(children.stop_all)
-        endpoint = start_moto(children, env)
-        env["AWS_S3_ENDPOINT_URL"] = endpoint
-        create_bucket(endpoint, env["AWS_STORAGE_BUCKET_NAME"], env)
+        if s3:
+            env.update(S3_ENV, AWS_STORAGE_BUCKET_NAME=f"wbc-load-{uuid.uuid4().hex[:12]}")
+            env["AWS_S3_ENDPOINT_URL"] = start_moto(children, env)
+            create_bucket(env["AWS_S3_ENDPOINT_URL"], env["AWS_STORAGE_BUCKET_NAME"], env)
         manage(env, "migrate", "--noinput")
         manage(env, "createcachetable")
         manage(env, "register_models")
