@@ -26,9 +26,9 @@ from django.utils import timezone
 
 from classifier.custom_models import register_lab_model_file, remove_files
 from wbc_ml import datasets
-from wbc_ml.adaptation.cv import wilson
 from wbc_ml.adaptation.progress import Cancelled, Progress
 from wbc_ml.checksums import file_sha256
+from wbc_ml.metrics import wilson
 from wbc_ml.review_flag import DEFAULT_THRESHOLD
 
 from .cells import HELD_BACK, NON_WBC, TRAIN
