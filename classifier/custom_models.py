@@ -1,17 +1,17 @@
 """Registering a lab's own model: validated in a separate process before anything is stored.
 
-Every upload gets its own content-addressed path, ``lab<id>/<sha256 prefix>-<random>.<ext>`` in
-``WBC_CUSTOM_MODELS_DIR`` (its ONNX copy the same stem in ``WBC_ONNX_DIR``), so two labs uploading the same
-file, or files with the same name, never share a file, and a failed registration removes only its own files.
-The web process never loads the upload: the vetting child checks it and exports the ONNX copy, which is
-required (an upload the child could not export is refused, nothing stored); saliency maps are made in a sandboxed
-child too (:mod:`wbc_ml.saliency_child`).
+The upload is written to a private temporary folder, checked there by the vetting child (which also exports the ONNX
+copy), and only then saved to the storages (:mod:`classifier.model_files`): the model file to ``STORAGES["models"]``
+as ``lab<id>/<sha256 prefix>-<random>.<ext>``, its ONNX copy to ``STORAGES["onnx"]`` under the same stem. So two
+labs uploading the same file, or files with the same name, never share a file, and a failed registration removes
+only its own files. The web process never loads the upload: the ONNX copy is required (an upload the child could
+not export is refused, nothing stored); saliency maps are made in a sandboxed child too
+(:mod:`wbc_ml.saliency_child`).
 """
 
 from __future__ import annotations
 
 import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from wbc_ml.checksums import file_sha256
 from wbc_ml.onnx_export import onnx_file_name
 from wbc_ml.vetting import ModelRejected, validate_model_file
 
+from . import model_files
 from .models import ClassifierModel
 
 EXTENSIONS = {"keras": ".keras", "h5": ".h5"}
@@ -34,43 +35,33 @@ def register_custom_model(
 
     Raises :class:`ModelRejected` with the reason; on any failure nothing is kept.
     """
-    folder = Path(settings.WBC_CUSTOM_MODELS_DIR)
-    folder.mkdir(parents=True, exist_ok=True)
     if uploaded_file.size and uploaded_file.size > settings.WBC_MAX_MODEL_BYTES:
         raise ModelRejected(
             f"The file is {uploaded_file.size / 2**20:.0f} MB, over the "
             f"{settings.WBC_MAX_MODEL_BYTES / 2**20:.0f} MB limit for model files."
         )
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".incoming-", delete=False) as handle:
-        for chunk in uploaded_file.chunks():
-            handle.write(chunk)
-        incoming = Path(handle.name)
-    placed: list[Path] = [incoming]  # this upload's own files, removed on any failure
-    try:
+    with tempfile.TemporaryDirectory(prefix="wbc-model-upload-") as workdir:
+        incoming = Path(workdir) / "upload"
+        with open(incoming, "wb") as handle:
+            for chunk in uploaded_file.chunks():
+                handle.write(chunk)
         sha256 = file_sha256(incoming)
         if ClassifierModel.objects.filter(sha256=sha256, laboratory=user.laboratory).exists():
             raise ModelRejected("This exact model file is already registered for your laboratory.")
-        stem = f"lab{user.laboratory_id}/{sha256[:32]}-{secrets.token_hex(4)}"
-        onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_file_name(stem)
-        placed.append(onnx_path)
+        exported = Path(workdir) / "export" / "model.onnx"
         validated = validate_model_file(
             incoming,
             expected_classes=len(class_names),
             max_bytes=settings.WBC_MAX_MODEL_BYTES,
-            onnx_path=onnx_path,
+            onnx_path=exported,
             normalization=normalization,
         )
         if not validated.onnx_sha256:
             raise ModelRejected(onnx_required_message(validated.onnx_status))
-        file_name = f"{stem}{EXTENSIONS[validated.format]}"
-        final = folder / file_name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        placed.append(final)
-        shutil.move(incoming, final)
+        stem = f"lab{user.laboratory_id}/{sha256[:32]}-{secrets.token_hex(4)}"
         record = ClassifierModel(
             name=name,
             architecture=f"custom ({validated.format})",
-            file_name=file_name,
             sha256=validated.sha256,
             input_height=validated.input_size[0],
             input_width=validated.input_size[1],
@@ -78,7 +69,6 @@ def register_custom_model(
             class_names=class_names,
             temperature=1.0,
             parameters=validated.parameters,
-            onnx_file_name=onnx_file_name(stem),
             onnx_sha256=validated.onnx_sha256,
             onnx_status=validated.onnx_status[:500],
             card={"uploaded_file": uploaded_file.name, "format": validated.format, "validated": True},
@@ -86,12 +76,23 @@ def register_custom_model(
             laboratory_id=user.laboratory_id,
             uploaded_by=user,
         )
+        _store_and_save(record, incoming, f"{stem}{EXTENSIONS[validated.format]}", exported, onnx_file_name(stem))
+    return record
+
+
+def _store_and_save(record: ClassifierModel, model: Path, model_name: str, onnx: Path, onnx_name: str) -> None:
+    """Put the checked files into their storages, then the row; on any failure, this upload's stored files go."""
+    placed: list[tuple[str, str]] = []
+    try:
+        record.file_name = model_files.store(model_files.MODELS, model_name, model)
+        placed.append((model_files.MODELS, record.file_name))
+        record.onnx_file_name = model_files.store(model_files.ONNX, onnx_name, onnx)
+        placed.append((model_files.ONNX, record.onnx_file_name))
         _save_with_next_version(record)
     except BaseException:
-        for path in placed:
-            path.unlink(missing_ok=True)
+        for alias, name in placed:
+            model_files.delete_stored(alias, name)
         raise
-    return record
 
 
 def onnx_required_message(onnx_status: str) -> str:
