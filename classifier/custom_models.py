@@ -89,10 +89,15 @@ def _store_and_save(record: ClassifierModel, model: Path, model_name: str, onnx:
         record.onnx_file_name = model_files.store(model_files.ONNX, onnx_name, onnx)
         placed.append((model_files.ONNX, record.onnx_file_name))
         _save_with_next_version(record)
-    except BaseException:
+    except BaseException as exc:
         for alias, name in placed:
             model_files.delete_stored(alias, name)
-        raise
+        if isinstance(exc, ModelRejected) or not isinstance(exc, Exception):
+            raise
+        raise ModelRejected(
+            f"The model passed its checks but could not be stored ({type(exc).__name__}: {exc}); nothing was kept. "
+            "Please upload it again in a moment."
+        ) from exc
 
 
 def onnx_required_message(onnx_status: str) -> str:
