@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,40 +20,15 @@ from reports.models import Batch, BatchItem
 from reports.submission import submit_batch
 from reports.uploads import NamedBytes
 from tests.conftest import build_tiny_model, image_bytes, start_worker
+from tests.workers import stop_worker, wait_until_finished
 from wbc_ml.checksums import file_sha256
 from wbc_ml.inference import clear_cache
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-WAIT_S = 180.0
-
 
 def _files(folder: Path) -> list[Path]:
     return [path for path in Path(folder).rglob("*") if path.is_file()] if Path(folder).exists() else []
-
-
-def _stop(worker: subprocess.Popen) -> str:
-    if worker.poll() is None:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=20)
-    return worker.stdout.read()[-3000:] if worker.stdout else ""
-
-
-def wait_until_finished(batch: Batch, worker: subprocess.Popen, seconds: float = WAIT_S) -> Batch:
-    """Poll the batch (bounded) until the worker has finished it; fail with the worker's output if it dies."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        batch.refresh_from_db()
-        if batch.status in (Batch.Status.DONE, Batch.Status.FAILED):
-            return batch
-        if worker.poll() is not None:
-            pytest.fail(f"the worker exited ({worker.returncode}):\n{_stop(worker)}")
-        time.sleep(0.2)
-    pytest.fail(f"batch still {batch.status} after {seconds:g} s:\n{_stop(worker)}")
 
 
 @pytest.fixture
@@ -92,7 +65,7 @@ def test_a_batch_is_classified_by_a_worker_with_every_file_in_s3(
     try:
         batch = wait_until_finished(batch, worker)
     finally:
-        output = _stop(worker)
+        output = stop_worker(worker)
     assert batch.status == Batch.Status.DONE, output
 
     items = list(batch.items.select_related("prediction").order_by("position"))
