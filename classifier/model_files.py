@@ -37,7 +37,7 @@ MODELS = "models"  # uploaded model files (and their detector files)
 ONNX = "onnx"  # ONNX copies of every model
 READ_CHUNK = 1024 * 1024
 
-_verified: dict[Path, tuple[str, int, int]] = {}  # cached file -> (sha256, size, mtime_ns) hashed by this process
+_verified: dict[Path, tuple[str, int, int, int]] = {}  # cached file -> (sha256, inode, size, mtime_ns) hashed here
 _fetch_lock = threading.Lock()
 
 
@@ -112,12 +112,13 @@ def _cache_path(alias: str, name: str) -> Path:
 
 
 def _is_verified(path: Path, sha256: str) -> bool:
-    """Whether the cached file holds ``sha256``: hashed once per process, then trusted while size and mtime stay."""
+    """Whether the cached file holds ``sha256``: hashed once per process, then trusted while it is the same file
+    (inode, size, mtime). The loader checks the bytes it loads again in any case."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return False
-    signature = (sha256, stat.st_size, stat.st_mtime_ns)
+    signature = (sha256, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if _verified.get(path) == signature:
         return True
     if file_sha256(path) != sha256:
@@ -158,5 +159,5 @@ def _fetch(storage: Storage, name: str, target: Path, sha256: str, what: str) ->
         )
     os.replace(partial, target)
     stat = target.stat()
-    _verified[target] = (sha256, stat.st_size, stat.st_mtime_ns)
+    _verified[target] = (sha256, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     logger.info("fetched %s %s into the model cache", what, name)

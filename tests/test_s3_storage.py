@@ -22,6 +22,7 @@ from reports.uploads import NamedBytes
 from tests.conftest import build_tiny_model, image_bytes, start_worker
 from tests.workers import stop_worker, wait_until_finished
 from wbc_ml.checksums import file_sha256
+from wbc_ml.datasets import WBC_CLASSES
 from wbc_ml.inference import clear_cache
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -103,16 +104,12 @@ def test_a_saliency_map_is_made_and_stored_in_s3(s3_media, tech_client, tiny_rec
     assert _files(local_folders["media"]) == []
 
 
+MODEL_FORM = {"name": "Lab CNN on S3", "class_order": ", ".join(WBC_CLASSES), "normalization": "scale01"}
+
+
 def _upload_model(client, path: Path):
-    return client.post(
-        reverse("classifier:model_upload"),
-        {
-            "name": "Lab CNN on S3",
-            "class_order": "basophil, eosinophil, lymphocyte, monocyte, neutrophil",
-            "normalization": "scale01",
-            "file": SimpleUploadedFile("model.keras", path.read_bytes()),
-        },
-    )
+    upload = SimpleUploadedFile("model.keras", path.read_bytes())
+    return client.post(reverse("classifier:model_upload"), {**MODEL_FORM, "file": upload})
 
 
 def _classify(client, record) -> int:
