@@ -3,7 +3,8 @@
 Nothing is mocked in-process: the app talks HTTP to ``python -m moto.server`` through django-storages and boto3, like
 it talks to S3 or MinIO in production. Use the fixtures:
 
-* ``s3_server`` (session): the running server; ``s3_server.new_bucket()`` makes an empty bucket of your own.
+* ``s3_server`` (session): the running server; ``s3_server.new_bucket()`` makes an empty bucket of your own
+  (``running_s3_server`` is the same as a context manager, for benchmark scripts).
 * ``s3_media`` (per test): a fresh bucket, this process's STORAGES pointed at it the way a host with the S3
   settings is (``wbcsite.settings.storages_config``), and ``s3_media.env`` for the processes the test starts
   (workers, a second "host"); ``s3_media.keys()`` lists what the bucket holds.
@@ -91,26 +92,26 @@ class S3Server:
 
 
 def _wait_until_answering(server: S3Server) -> None:
-    """Bounded wait: the server answers a real S3 call, or the test session fails with its log."""
+    """Bounded wait until the server answers a real S3 call; RuntimeError with its log if it does not."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            pytest.fail(f"moto server exited ({server.process.returncode}):\n{server.log_tail()}", pytrace=False)
+            raise RuntimeError(f"moto server exited ({server.process.returncode}):\n{server.log_tail()}")
         try:
             server.client().list_buckets()
             return
         except (BotoCoreError, ClientError):
             time.sleep(0.2)
-    pytest.fail(f"moto server did not answer within {START_TIMEOUT_S:g} s:\n{server.log_tail()}", pytrace=False)
+    raise RuntimeError(f"moto server did not answer within {START_TIMEOUT_S:g} s:\n{server.log_tail()}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    """``python -m moto.server`` on a free loopback port for the whole session (stopped at its end)."""
+@contextlib.contextmanager
+def running_s3_server(log_dir: Path) -> Iterator[S3Server]:
+    """``python -m moto.server`` on a free loopback port while the block runs (for fixtures and benchmark scripts)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = Path(log_dir) / "moto.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -129,6 +130,13 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """The S3 API on loopback for the whole test session (stopped at its end)."""
+    with running_s3_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 @dataclass
