@@ -12,6 +12,7 @@ from django.db import models
 from simple_history import register
 
 from accounts.models import ApiToken, CellCategory, Laboratory, LabSettings
+from adaptation.models import AdaptationJob
 from classifier.models import ClassifierModel
 from reports.models import CellVerification, ReportVersion
 
@@ -36,6 +37,8 @@ AUDITED = [
     (CellCategory, {}),
     (ApiToken, {"excluded_fields": ["digest", "last_used_at"], "get_user": _token_owner}),
     (ClassifierModel, {"excluded_fields": ["card"]}),
+    # who started, cancelled, promoted and discarded an adaptation (the progress moves by updates, not audited)
+    (AdaptationJob, {"excluded_fields": ["cells", "evaluation", "stage", "progress", "updated_at"]}),
 ]
 
 for _model, _options in AUDITED:

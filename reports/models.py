@@ -185,6 +185,9 @@ class EvaluationRun(models.Model):
     n_labelled = models.PositiveIntegerField(help_text="classified images with a usable label")
     metrics = models.JSONField(default=dict)
     problems = models.JSONField(default=dict)
+    labels = models.JSONField(
+        default=dict, blank=True, help_text="the true class of every labelled image: batch item id -> class"
+    )
     confusion_png = models.FileField(upload_to="evaluations/", blank=True)
     roc_png = models.FileField(upload_to="evaluations/", blank=True)
 

@@ -146,6 +146,7 @@ def create_evaluation(
         labels_filename=PurePath(filename.replace("\\", "/")).name[-255:] or "labels.csv",
         n_labelled=len(match.matched),
         metrics=metrics,
+        labels={str(pair.item.pk): pair.class_name for pair in match.matched},
         problems=problems_of(parsed, match),
     )
     stored: list[str] = []

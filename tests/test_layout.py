@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("wbc_ml", "accounts", "classifier", "reports", "audit", "wbcsite")
+PACKAGES = ("wbc_ml", "accounts", "classifier", "reports", "adaptation", "audit", "wbcsite")
 DJANGO_WORLD = ("django", "rest_framework", "drf_spectacular", "storages", "axes", "simple_history")
 ML_FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "tf_keras")
 

@@ -350,7 +350,8 @@ def test_out_of_scope_banner_count_warning_flag_reasons_and_full_image_fallback(
 
     expect(page.locator("#out-of-scope")).to_be_visible()  # 2 of 3 flagged, over the lab's 30 %
     assert OUT_OF_SCOPE_WARNING in page.inner_text("#out-of-scope")
-    assert page.get_attribute("#out-of-scope a", "href") == reverse("classifier:models")
+    assert page.get_attribute("#out-of-scope #adapt-link", "href") == reverse("adaptation:page")
+    assert page.locator(f'#out-of-scope a[href="{reverse("classifier:models")}"]').count() == 1
     expect(page.locator("#count-warning")).to_contain_text("Counted 3 of 100 WBC")
     assert "short" in page.get_attribute("#count-pill", "class")
 

@@ -81,29 +81,41 @@ def evaluate_saved_model(
     model) are those of the web app.
     """
     card = load_card(model_path)
-    normalization = Normalization.from_dict(card["normalization"])
-    class_names = list(card["class_names"])
-    chosen = _chosen_samples(card, datasets.list_images(data_dir, tuple(class_names)), split_name)
+    chosen = _chosen_samples(card, datasets.list_images(data_dir, tuple(card["class_names"])), split_name)
     if not chosen:
         raise ValueError(f"no images to evaluate in the {split_name!r} part of {data_dir}")
-    x, y = datasets.load_arrays(chosen, tuple(card["input_size"]))
-    model = keras.models.load_model(model_path, compile=False)
     ood_file = (card.get("ood") or {}).get("file")
-    detector = OodDetector.load(model_path.parent / ood_file) if ood_file else None
-    probs, outliers = review_predictions(model, x, normalization, float(card.get("temperature", 1.0)), detector)
-    report = review_report(y, probs, outliers, class_names, threshold)
+    ood_path = model_path.parent / ood_file if ood_file else None
+    result = evaluate_on_samples(model_path, card, ood_path, chosen, threshold)
     return {
         "model": model_path.name,
         "data": str(data_dir),
         "split": split_name,
+        **result,
+        "detectors": ood_file,
+    }
+
+
+def evaluate_on_samples(
+    model_path: Path, card: dict, ood_path: Path | None, samples: list[datasets.Sample], threshold: float
+) -> dict:
+    """Metrics of a saved model (described by ``card``, its detectors in ``ood_path``) on labelled image files,
+    preprocessed, calibrated and flagged for review as the web app does (the detectors counted)."""
+    class_names = list(card["class_names"])
+    x, y = datasets.load_arrays(samples, tuple(card["input_size"]))
+    model = keras.models.load_model(model_path, compile=False)
+    detector = OodDetector.load(ood_path) if ood_path else None
+    normalization = Normalization.from_dict(card["normalization"])
+    probs, outliers = review_predictions(model, x, normalization, float(card.get("temperature", 1.0)), detector)
+    report = review_report(y, probs, outliers, class_names, threshold)
+    return {
         "n": report["n"],
         "accuracy": report["accuracy"],
         "macro_f1": report["macro_f1"],
         "flagged_share": report["flagged_share"],
         "threshold": threshold,
-        "detectors": ood_file,
         "metrics": report,
-        "files": [f"{class_names[s.label]}/{s.name}" for s in chosen],
+        "files": [f"{class_names[s.label]}/{s.name}" for s in samples],
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.http import HttpRequest
 
 from accounts.roles import can_manage_lab
+from adaptation.services import may_manage as may_adapt_models
 from wbc_ml.review_flag import DEFAULT_THRESHOLD, THRESHOLD_MAX, THRESHOLD_MIN
 
 
@@ -16,4 +17,8 @@ def review_threshold(request: HttpRequest) -> dict:
 def navigation(request: HttpRequest) -> dict:
     """What the top bar offers the signed-in user."""
     user = getattr(request, "user", None)
-    return {"can_manage_lab": bool(user and user.is_authenticated and can_manage_lab(user))}
+    signed_in = bool(user and user.is_authenticated)
+    return {
+        "can_manage_lab": signed_in and can_manage_lab(user),
+        "can_adapt_models": signed_in and may_adapt_models(user),
+    }

@@ -110,6 +110,7 @@ INSTALLED_APPS = [
     "simple_history",
     "audit",
     "lis",
+    "adaptation",
 ]
 
 MIDDLEWARE = [
@@ -299,6 +300,15 @@ WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a batch whose t
 WBC_WORKER_HEARTBEAT_SECONDS = env_int("WBC_WORKER_HEARTBEAT_SECONDS", 5)
 WBC_WORKER_STALE_SECONDS = env_int("WBC_WORKER_STALE_SECONDS", 30)
 WBC_WORKER_RECOVERY_SECONDS = env_int("WBC_WORKER_RECOVERY_SECONDS", 15)
+# Adapting a model to a lab's cells (the adaptation app): the share of each class held back to compare the base and
+# adapted models, caps per class, an optional folder of non-WBC images for the detectors, when a running job whose
+# worker stored nothing for that long may be cancelled outright, and AdaptConfig overrides (tests make it small).
+WBC_ADAPT_HELD_BACK_PERCENT = env_int("WBC_ADAPT_HELD_BACK_PERCENT", 25)
+WBC_ADAPT_MAX_TRAIN_PER_CLASS = env_int("WBC_ADAPT_MAX_TRAIN_PER_CLASS", 50)
+WBC_ADAPT_MAX_HELD_BACK_PER_CLASS = env_int("WBC_ADAPT_MAX_HELD_BACK_PER_CLASS", 100)
+WBC_ADAPT_NON_WBC_DIR = env_str("WBC_ADAPT_NON_WBC_DIR", "")
+WBC_ADAPT_STALE_SECONDS = env_int("WBC_ADAPT_STALE_SECONDS", 600)
+WBC_ADAPT_CONFIG: dict = {}
 # A few extra fields beside the files; the batch view reports "too many files" itself.
 DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)

@@ -18,6 +18,7 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("batches/", include("reports.urls")),
     path("lis/", include("lis.urls")),
+    path("adaptation/", include("adaptation.urls")),
     path("", include("accounts.urls")),
     path("", include("classifier.urls")),
 ]

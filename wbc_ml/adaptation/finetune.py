@@ -8,6 +8,8 @@ from the logistic-regression head, so a few epochs at a small learning rate only
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 
@@ -16,6 +18,18 @@ from .heads import LinearHead
 from .network import Parts, dense_head, predict
 
 BATCH_SIZE = 32
+EpochHook = Callable[[], None]
+
+
+class _EachEpoch(keras.callbacks.Callback):
+    """Calls ``hook`` after every epoch: progress, and the chance to cancel (it may raise)."""
+
+    def __init__(self, hook: EpochHook):
+        super().__init__()
+        self.hook = hook
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.hook()
 
 
 def snapshot(parts: Parts) -> list[list[np.ndarray]]:
@@ -36,6 +50,7 @@ def finetune(
     epochs: int,
     seed: int,
     pooling: str,
+    on_epoch: EpochHook | None = None,
 ) -> keras.layers.Dense:
     """Train the tail (not its BatchNormalization) and a head initialised from ``start``; returns the head."""
     keras.utils.set_random_seed(seed)
@@ -60,6 +75,7 @@ def finetune(
         epochs=epochs,
         shuffle=True,
         verbose=0,
+        callbacks=[_EachEpoch(on_epoch)] if on_epoch else [],
     )
     for layer in parts.tail_layers:
         layer.trainable = False
@@ -84,6 +100,7 @@ def cross_validate(
     params: dict,
     seed: int,
     n_classes: int,
+    on_epoch: EpochHook | None = None,
 ) -> np.ndarray:
     """Out-of-fold probabilities (original view): each fold fine-tunes from the same starting weights."""
     saved = snapshot(parts)
@@ -92,7 +109,7 @@ def cross_validate(
         start = LinearHead(params["C"], n_classes).fit(pooled[train], labels[train])
         head = finetune(
             parts, acts[train], labels[train], start, params["learning_rate"], params["epochs"], seed + fold,
-            params["pooling"],
+            params["pooling"], on_epoch,
         )  # fmt: skip
         oof[val] = tail_probabilities(parts, head, acts[val, 0], params["pooling"])
         restore(parts, saved)

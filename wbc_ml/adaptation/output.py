@@ -18,6 +18,7 @@ from ..training.config import Log
 from .cells import cell_key, files_digest
 from .detectors import LAB_DISTANCE_QUANTILE
 from .pipeline import Adaptation, AdaptConfig, Adapted, choose, non_wbc_sample
+from .progress import SAVE_UNITS, Progress
 
 NON_WBC_PER_KIND = 50
 
@@ -39,24 +40,40 @@ def adapt_model(
     config: AdaptConfig | None = None,
     command: str = "",
     log: Log = print,
+    *,
+    base_card: dict | None = None,
+    non_wbc_paths: list[Path] | None = None,
+    progress: Progress | None = None,
+    started_by: str | None = None,
 ) -> dict:
-    """Adapt ``base_path`` to ``cells`` (of ``data_dir``), choose by cross-validation, write the three files."""
+    """Adapt ``base_path`` to ``cells`` (of ``data_dir``), choose by cross-validation, write the three files.
+
+    ``base_card`` (default: the card beside ``base_path``), ``non_wbc_paths`` (default: a sample of the fitting part
+    of ``pbc-non-wbc/`` beside ``data_dir``) and ``started_by`` (default: the system user) let a caller that keeps
+    them elsewhere (the web job) say them; ``progress`` is told of every step and may stop the adaptation by raising
+    :class:`.progress.Cancelled` before anything is written.
+    """
     from ..evaluation import load_card  # evaluation imports this package (the cells' rule): no import cycle
 
     config = config or AdaptConfig()
+    progress = progress or Progress()
     started = time.time()
-    base_card = load_card(base_path)
+    base_card = base_card or load_card(base_path)
     size = tuple(base_card["input_size"])
     x, labels = datasets.load_arrays(cells, size)
-    non_wbc_paths = non_wbc_sample(data_dir, NON_WBC_PER_KIND)
+    if non_wbc_paths is None:
+        non_wbc_paths = non_wbc_sample(data_dir, NON_WBC_PER_KIND)
     non_wbc = datasets.load_arrays([datasets.Sample(p, -1) for p in non_wbc_paths], size)[0] if non_wbc_paths else None
-    adaptation = Adaptation(base_path, base_card, x, labels, non_wbc, config, log)
+    adaptation = Adaptation(base_path, base_card, x, labels, non_wbc, config, log, progress=progress)
     candidates = adaptation.candidates()
     adapted = adaptation.finalize(choose(candidates))
     adapted.candidates = candidates
+    progress.at("writing the model and its card")
     card = write_adapted(
-        adapted, base_path, base_card, cells, out_path, non_wbc_paths, config, time.time() - started, command
-    )
+        adapted, base_path, base_card, cells, out_path, non_wbc_paths, config, time.time() - started, command,
+        started_by,
+    )  # fmt: skip
+    progress.advance("model and card written", SAVE_UNITS)
     log(f"wrote {out_path} ({card['adaptation']['method']}) in {card['adaptation']['seconds']:.0f}s")
     return card
 
@@ -75,6 +92,7 @@ def write_adapted(
     config: AdaptConfig,
     seconds: float,
     command: str,
+    started_by: str | None = None,
 ) -> dict:
     class_names = list(base_card["class_names"])
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +162,7 @@ def write_adapted(
             "cells_sha256": files_digest([cell_key(s.path, class_names[s.label]) for s in cells]),
             "seconds": round(seconds, 1),
             "hardware": hardware(),
-            "started_by": getpass.getuser(),
+            "started_by": started_by or getpass.getuser(),
             "command": command or " ".join(sys.argv),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

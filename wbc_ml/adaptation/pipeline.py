@@ -33,6 +33,15 @@ from .finetune import finetune as finetune_tail
 from .heads import LinearHead
 from .heads import cross_validate as cross_validate_head
 from .network import Parts, cut, dense_head, load_parts, predict
+from .progress import (
+    BATCHNORM_UNITS,
+    BN_CANDIDATE_UNITS,
+    DETECTOR_UNITS,
+    EPOCH_UNITS,
+    HEAD_FIT_UNITS,
+    SAVE_UNITS,
+    Progress,
+)
 
 METHODS = ("bn", "head", "finetune")
 
@@ -116,24 +125,51 @@ class Adaptation:
         config: AdaptConfig,
         log: Log = print,
         backbones: dict[bool, Backbone] | None = None,
+        progress: Progress | None = None,
     ):
         keras.utils.set_random_seed(config.seed)
         self.base_path, self.card, self.config, self.log = base_path, card, config, log
+        self.progress = progress or Progress()
         self.normalization = Normalization.from_dict(card["normalization"])
         self.n_classes = len(card["class_names"])
         self.x, self.labels, self.non_wbc = x, labels, non_wbc
         self.splits = folds(labels, config.seed, config.folds)
         self._backbones: dict[bool, Backbone] = dict(backbones or {})  # precomputed (a benchmark's cache)
+        self.progress.plan(self.planned_units())
+
+    def _head_batchnorms(self) -> set[bool]:
+        """The copies of the base model that heads are cross-validated on (BatchNormalization as trained or
+        re-estimated); fine-tuning starts from the best head on re-estimated BatchNormalization."""
+        methods = self.config.methods
+        batchnorms = set(self.config.head_batchnorm) if "head" in methods else set()
+        if "finetune" in methods:
+            batchnorms.add(True)
+        return batchnorms
+
+    def planned_units(self) -> float:
+        """The work ahead in :mod:`.progress` units: features, candidates, the final model, detectors, saving."""
+        config, methods = self.config, self.config.methods
+        heads = self._head_batchnorms()
+        copies = heads | ({True} if "bn" in methods else set())
+        units = len(copies) * config.views + BATCHNORM_UNITS * (True in copies)
+        units += BN_CANDIDATE_UNITS * ("bn" in methods)
+        units += HEAD_FIT_UNITS * len(self.splits) * len(config.poolings) * len(config.c_grid) * len(heads)
+        if "finetune" in methods:  # the cross-validation, then (when chosen) the final model
+            units += EPOCH_UNITS * config.epochs * (len(self.splits) * len(config.learning_rates) + 1)
+        return units + DETECTOR_UNITS + SAVE_UNITS
 
     def backbone(self, batchnorm: bool) -> Backbone:
         if batchnorm not in self._backbones:
             started = time.time()
+            self.progress.at("BatchNormalization re-estimated" if batchnorm else "features")
             parts = load_parts(self.base_path, self.x if batchnorm else None, self.normalization)
+            if batchnorm:
+                self.progress.advance("BatchNormalization re-estimated", BATCHNORM_UNITS)
             rng = np.random.default_rng(self.config.seed)
-            views = [
-                predict(parts.trunk, self.x if v == 0 else augment_batch(self.x, rng), self.normalization)
-                for v in range(self.config.views)
-            ]
+            views = []
+            for v in range(self.config.views):
+                views.append(predict(parts.trunk, self.x if v == 0 else augment_batch(self.x, rng), self.normalization))
+                self.progress.advance(f"features of view {v + 1} of {self.config.views}")
             acts = np.stack(views, axis=1)
             non_wbc = predict(parts.trunk, self.non_wbc, self.normalization) if self.non_wbc is not None else None
             self._backbones[batchnorm] = Backbone(parts, acts, non_wbc)
@@ -155,24 +191,21 @@ class Adaptation:
         if "bn" in methods:
             probs = predict(self.backbone(True).parts.full, self.x, self.normalization)
             best["bn"] = self._candidate("bn", {"batchnorm": True}, np.asarray(probs, np.float64))
+            self.progress.advance("cross-validating: BatchNormalization re-estimated", BN_CANDIDATE_UNITS)
         head_scores: dict[bool, Candidate] = {}
-        batchnorms = set(self.config.head_batchnorm) if "head" in methods else set()
-        if "finetune" in methods:
-            batchnorms.add(True)  # fine-tuning starts from the best head on re-estimated BatchNormalization
+        batchnorms = self._head_batchnorms()
         if batchnorms:
             for batchnorm in sorted(batchnorms):
                 backbone = self.backbone(batchnorm)
-                tried = [
-                    self._candidate(
-                        "head",
-                        {"batchnorm": batchnorm, "pooling": pooling, "C": c, "views": self.config.views},
-                        cross_validate_head(
+                tried = []
+                for pooling in self.config.poolings:
+                    for c in self.config.c_grid:
+                        params = {"batchnorm": batchnorm, "pooling": pooling, "C": c, "views": self.config.views}
+                        oof = cross_validate_head(
                             backbone.head_features(pooling), self.labels, self.splits, c, self.n_classes
-                        ),
-                    )
-                    for pooling in self.config.poolings
-                    for c in self.config.c_grid
-                ]
+                        )
+                        tried.append(self._candidate("head", params, oof))
+                        self.progress.advance("cross-validating: new head", HEAD_FIT_UNITS * len(self.splits))
                 head_scores[batchnorm] = _best(tried)
             if "head" in methods:
                 best["head"] = _best([head_scores[b] for b in self.config.head_batchnorm])
@@ -191,13 +224,18 @@ class Adaptation:
                     params,
                     self.config.seed,
                     self.n_classes,
+                    on_epoch=self._epoch_done("cross-validating: fine-tuning"),
                 )
                 tried.append(self._candidate("finetune", params, oof))
             best["finetune"] = _best(tried)
         return best
 
+    def _epoch_done(self, stage: str):
+        return lambda: self.progress.advance(stage, EPOCH_UNITS)
+
     def finalize(self, candidate: Candidate) -> Adapted:
         """The served network for ``candidate`` fitted on all the cells, its temperature and detectors."""
+        self.progress.at(f"fitting the chosen method ({candidate.method}) on every cell")
         backbone = self.backbone(candidate.params["batchnorm"])
         parts = backbone.parts
         if candidate.method == "bn":
@@ -215,14 +253,16 @@ class Adaptation:
                 parts = _copy(parts)  # the other candidates keep sharing the un-tuned layers
                 head = finetune_tail(
                     parts, backbone.acts, self.labels, start, p["learning_rate"], p["epochs"], self.config.seed,
-                    p["pooling"],
+                    p["pooling"], on_epoch=self._epoch_done("fine-tuning on every cell"),
                 )  # fmt: skip
                 model = parts.with_head(head, p["pooling"])
                 features = Backbone.features_of(parts, backbone.acts)
                 non_wbc_features = self._non_wbc_features(parts, backbone.non_wbc_acts)
         temperature = fit_temperature(candidate.oof_probs, self.labels)
         confidence = apply_temperature(candidate.oof_probs, temperature).max(axis=1)
+        self.progress.at("refitting the detectors")
         detector, summary = fit_lab_detectors(features, self.labels, self.splits, confidence, non_wbc_features)
+        self.progress.advance("refitting the detectors", DETECTOR_UNITS)
         return Adapted(candidate, model, temperature, detector, summary, len(self.splits))
 
     @staticmethod

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class AdaptationConfig(AppConfig):
+    name = "adaptation"
+    verbose_name = "Adapting models to a laboratory"
