@@ -12,6 +12,8 @@ from accounts.models import Laboratory
 from wbc_ml.inference import ModelSpec
 from wbc_ml.review_flag import needs_review
 
+from . import model_files
+
 NORMALIZATION_LABELS = {"scale01": "0–1 scaling", "zscore": "Mean–Std z-score"}
 
 
@@ -61,13 +63,12 @@ class ClassifierModel(models.Model):
         return f"{self.name} v{self.version}"
 
     @property
-    def folder(self) -> Path:
-        """Where the model file and its detector file live: the bundled models' folder, or the lab models' one."""
-        return Path(settings.WBC_MODELS_DIR if self.is_bundled else settings.WBC_CUSTOM_MODELS_DIR)
-
-    @property
     def path(self) -> Path:
-        return self.folder / self.file_name
+        """The model file on this host: a bundled one in the checkout, an upload from the models storage (fetched
+        into this host's checked cache when the storage is remote; see :mod:`classifier.model_files`)."""
+        if self.is_bundled:
+            return Path(settings.WBC_MODELS_DIR) / self.file_name
+        return model_files.local_path(model_files.MODELS, self.file_name, self.sha256, "model file")
 
     @property
     def normalization_label(self) -> str:
@@ -96,10 +97,23 @@ class ClassifierModel(models.Model):
             return None
         return {"non_wbc": ood["non_wbc_flagged_share"], "wbc": ood["wbc_flagged_share"]}
 
+    def _ood_path(self) -> Path:
+        """The detector file: beside a bundled model in the checkout, else in the models storage."""
+        if self.is_bundled:
+            return Path(settings.WBC_MODELS_DIR) / self.ood_file_name
+        return model_files.local_path(model_files.MODELS, self.ood_file_name, self.ood_sha256, "detector file")
+
     def spec(self, normalization: dict | None = None) -> ModelSpec:
-        """How to serve this model; ``normalization`` overrides the card's (the user's choice)."""
-        ood = self.folder / self.ood_file_name if self.ood_file_name else None
-        onnx = Path(settings.WBC_ONNX_DIR) / self.onnx_file_name if self.onnx_file_name else None
+        """How to serve this model; ``normalization`` overrides the card's (the user's choice).
+
+        The paths are on this host: stored files are fetched into its cache first when the storage is remote.
+        """
+        ood = self._ood_path() if self.ood_file_name else None
+        onnx = (
+            model_files.local_path(model_files.ONNX, self.onnx_file_name, self.onnx_sha256, "ONNX copy")
+            if self.onnx_file_name
+            else None
+        )
         return ModelSpec(
             onnx_path=onnx,
             path=self.path,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from accounts.models import Laboratory
 from wbc_ml.checksums import file_sha256
+from wbc_ml.inference import ModelUnavailable
 from wbc_ml.onnx_export import export_onnx, fallback_status, onnx_file_name, served_status
 from wbc_ml.preprocessing import Normalization
 
+from . import model_files
 from .models import ClassifierModel
 
 logger = logging.getLogger(__name__)
@@ -113,28 +115,40 @@ def bundled_cards(models_dir: Path) -> list[Path]:
 def ensure_onnx(record) -> None:
     """Give a bundled model its checked ONNX copy and record its sha256, or record why it serves with TensorFlow.
 
+    The copy lives in the ``onnx`` storage, so on several hosts the first ``register_models`` exports it and the
+    others find it there and keep it while it matches its recorded sha256 (they do not each export their own).
     This loads the model file with Keras, so it is for our own bundled files only (``register_models``). An
     uploaded model gets its ONNX copy from the vetting child (:mod:`classifier.custom_models`), never here.
     """
     if not record.is_bundled:
         raise ValueError(f"{record} is an uploaded model: its ONNX copy is made by the vetting child")
     onnx_name = onnx_file_name(f"{record.sha256[:20]}-{record.pk}")  # one copy per row: never shared
-    onnx_path = Path(settings.WBC_ONNX_DIR) / onnx_name
-    if record.onnx_file_name == onnx_name and record.onnx_sha256 and _matches(onnx_path, record.onnx_sha256):
+    if record.onnx_file_name == onnx_name and record.onnx_sha256 and _stored_copy_matches(record):
         return
     try:
         if file_sha256(record.path) != record.sha256:
             raise CardError(f"{record.file_name} does not match its registered sha256")
-        difference = export_onnx(record.path, onnx_path, record.input_size, record.normalization)
+        with tempfile.TemporaryDirectory(prefix="wbc-onnx-export-") as workdir:
+            exported = Path(workdir) / "model.onnx"
+            difference = export_onnx(record.path, exported, record.input_size, record.normalization)
+            sha256 = file_sha256(exported)
+            model_files.delete_stored(model_files.ONNX, onnx_name)  # a damaged or stale copy of this very row
+            stored = model_files.store(model_files.ONNX, onnx_name, exported)
     except Exception as exc:  # any failure means: serve with TensorFlow, and say why
         record.onnx_file_name, record.onnx_sha256 = "", ""
         record.onnx_status = fallback_status(exc)
         logger.warning("%s: ONNX export not used (%s); serving with TensorFlow", record, exc)
     else:
-        record.onnx_file_name, record.onnx_sha256 = onnx_name, file_sha256(onnx_path)
+        record.onnx_file_name, record.onnx_sha256 = stored, sha256
         record.onnx_status = served_status(difference)
     record.save(update_fields=["onnx_file_name", "onnx_sha256", "onnx_status"])
 
 
-def _matches(path: Path, sha256: str) -> bool:
-    return path.is_file() and file_sha256(path) == sha256
+def _stored_copy_matches(record) -> bool:
+    """Whether the stored ONNX copy is the registered one (fetched into this host's cache if it is remote)."""
+    try:
+        path = model_files.local_path(model_files.ONNX, record.onnx_file_name, record.onnx_sha256, "ONNX copy")
+    except ModelUnavailable as exc:
+        logger.warning("%s: %s; exporting it again", record, exc)
+        return False
+    return path.is_file() and file_sha256(path) == record.onnx_sha256

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.s3 import s3_media, s3_server  # noqa: F401  (fixtures: S3 on loopback, see tests/s3.py)
 from wbc_ml.datasets import WBC_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent

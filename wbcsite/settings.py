@@ -200,28 +200,75 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_URL = "media/"
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(BASE_DIR / "var" / "media")))
 
-# Media goes through STORAGES, so S3 (django-storages) is a setting: set AWS_STORAGE_BUCKET_NAME.
-_media_backend = {"BACKEND": "django.core.files.storage.FileSystemStorage"}
-if env_str("AWS_STORAGE_BUCKET_NAME"):
-    _media_backend = {
+# Files go through STORAGES: media (uploads, thumbnails, saliency maps, figures) in "default"; uploaded model files in
+# "models" and every ONNX copy in "onnx" (classifier.model_files; bundled models stay in WBC_MODELS_DIR). Folders on
+# this machine by default; set AWS_STORAGE_BUCKET_NAME and all three are in one S3 bucket (django-storages), shared
+# by every host: media at the bucket's root, model files under WBC_S3_MODELS_PREFIX ("models/"). Credentials come
+# the standard AWS way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, a profile, an instance role),
+# never from this file. Each host keeps model files fetched from S3 in WBC_MODEL_CACHE_DIR, checked by sha256.
+WBC_MODEL_CACHE_DIR = Path(env_str("WBC_MODEL_CACHE_DIR", str(BASE_DIR / "var" / "model-cache")))
+
+
+def s3_client_config():
+    """botocore's client settings: a short S3 outage is retried (standard mode, with back-off) within timeouts."""
+    from botocore.config import Config
+
+    return Config(
+        retries={"mode": "standard", "max_attempts": env_int("WBC_S3_MAX_ATTEMPTS", 10)},
+        connect_timeout=env_int("WBC_S3_CONNECT_TIMEOUT", 5),
+        read_timeout=env_int("WBC_S3_READ_TIMEOUT", 60),
+        signature_version="s3v4",
+        s3={"addressing_style": env_str("AWS_S3_ADDRESSING_STYLE", "auto")},  # "path" for MinIO and the like
+    )
+
+
+def _s3_storage(location: str, **options) -> dict:
+    return {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {
             "bucket_name": env_str("AWS_STORAGE_BUCKET_NAME"),
             "region_name": env_str("AWS_S3_REGION_NAME") or None,
             "endpoint_url": env_str("AWS_S3_ENDPOINT_URL") or None,
-            "default_acl": None,
+            "location": location,
+            "default_acl": None,  # private objects: files are served only through the app's own views
             "querystring_auth": True,
             "file_overwrite": False,
+            "client_config": s3_client_config(),
+            **options,
         },
     }
-STORAGES = {
-    "default": _media_backend,
-    "staticfiles": {
+
+
+def _folder_storage(setting: str) -> dict:
+    return {"BACKEND": "classifier.model_files.SettingFolderStorage", "OPTIONS": {"setting": setting}}
+
+
+def storages_config() -> dict:
+    """STORAGES from the environment (also used by tests to point a process at S3 the way a host would be)."""
+    static = {
         "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
         if env_bool("STATIC_MANIFEST", PRODUCTION)
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
-    },
-}
+    }
+    if not env_str("AWS_STORAGE_BUCKET_NAME"):
+        return {
+            "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+            "models": _folder_storage("WBC_CUSTOM_MODELS_DIR"),
+            "onnx": _folder_storage("WBC_ONNX_DIR"),
+            "staticfiles": static,
+        }
+    prefix = env_str("WBC_S3_MODELS_PREFIX", "models")
+    prefix = prefix.strip("/") or "models"
+    spill = {"max_memory_size": 16 * 1024 * 1024}  # a model file read from S3 spills to disk, not all in memory
+    return {
+        "default": _s3_storage(""),
+        "models": _s3_storage(f"{prefix}/uploads", **spill),
+        "onnx": _s3_storage(f"{prefix}/onnx", **spill),
+        "staticfiles": static,
+    }
+
+
+STORAGES = storages_config()
 
 # Uploads: Django keeps small files in memory; classification enforces its own per-image limits.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 5 * 1024 * 1024)
@@ -328,20 +375,33 @@ WBC_API_SUBMIT_RATE = env_str("WBC_API_SUBMIT_RATE", "20/min")
 WBC_API_PAGE_SIZE = env_int("WBC_API_PAGE_SIZE", 25)
 WBC_API_MAX_TOKENS_PER_USER = env_int("WBC_API_MAX_TOKENS_PER_USER", 20)
 REDIS_URL = env_str("REDIS_URL")
-_RATE_CACHE_OPTIONS = {"KEY_PREFIX": "wbc-rate", "TIMEOUT": 86400 + 60}
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "api_throttle": (
-        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, **_RATE_CACHE_OPTIONS}
-        if REDIS_URL
-        else {
-            "BACKEND": "accounts.counter_cache.AtomicDatabaseCache",
-            "LOCATION": "wbc_rate_counters",
-            "OPTIONS": {"MAX_ENTRIES": 1_000_000},  # culling would reset live counters: keep it far away
-            **_RATE_CACHE_OPTIONS,
+
+
+def caches_config() -> dict:
+    """CACHES from the environment. With REDIS_URL, both caches are Redis (Django's own RedisCache), shared by every
+    web and worker host; WBC_REDIS_KEY_PREFIX keeps several installations apart on one Redis. Without it, the default
+    cache is per process and the rate counters live in the database table "wbc_rate_counters"."""
+    redis_url = env_str("REDIS_URL")
+    rate = {"KEY_PREFIX": "wbc-rate", "TIMEOUT": 86400 + 60}
+    if not redis_url:
+        return {
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            "api_throttle": {
+                "BACKEND": "accounts.counter_cache.AtomicDatabaseCache",
+                "LOCATION": "wbc_rate_counters",
+                "OPTIONS": {"MAX_ENTRIES": 1_000_000},  # culling would reset live counters: keep it far away
+                **rate,
+            },
         }
-    ),
-}
+    prefix = env_str("WBC_REDIS_KEY_PREFIX", "wbc")
+    redis = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_url}
+    return {
+        "default": {**redis, "KEY_PREFIX": prefix},
+        "api_throttle": {**redis, **rate, "KEY_PREFIX": f"{prefix}-rate"},
+    }
+
+
+CACHES = caches_config()
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
