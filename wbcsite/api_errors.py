@@ -185,6 +185,13 @@ class PagePagination(PageNumberPagination):
     page_size_query_param = "page_size"
     max_page_size = 100
 
+    def get_page_size(self, request) -> int:
+        """DRF's page size, except that a page_size that is not one whole number from 1 is a 400, not ignored."""
+        values = request.query_params.getlist(self.page_size_query_param)
+        if values and (len(values) > 1 or not values[0].isdigit() or int(values[0]) < 1):
+            raise exceptions.ValidationError({"page_size": [f"Give one whole number from 1 to {self.max_page_size}."]})
+        return super().get_page_size(request)
+
 
 # --- OpenAPI: the error responses every operation can give -----------------------------------------------------
 
