@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from classifier.models import Prediction
-from reports.models import Batch, BatchItem, WorkerHeartbeat
+from reports.models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
 from reports.submission import submit_batch, url_entries
 from reports.uploads import NamedBytes
 from tests.conftest import image_bytes, start_worker
@@ -135,8 +136,9 @@ def test_pages_and_the_api_say_when_no_worker_is_running(settings, tech_client, 
     batch = submit_batch(technologist, entries, tiny_record, name="Waiting")
     # Half done, held by some worker (a lease far from expiring, so the worker below leaves it alone).
     started = timezone.now() - timedelta(seconds=30)
-    Batch.objects.filter(pk=batch.pk).update(
-        status=Batch.Status.RUNNING, started_at=started, heartbeat_at=timezone.now() + timedelta(hours=1)
+    Batch.objects.filter(pk=batch.pk).update(status=Batch.Status.RUNNING, started_at=started)
+    batch.chunks.update(
+        status=BatchChunk.Status.RUNNING, lease=uuid.uuid4(), heartbeat_at=timezone.now() + timedelta(hours=1)
     )
     BatchItem.objects.filter(pk=batch.items.first().pk).update(status=BatchItem.Status.DONE)
     worker = start_worker(settings, models_dir, WBC_WORKER_HEARTBEAT_SECONDS="1")

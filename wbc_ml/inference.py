@@ -140,6 +140,17 @@ class KerasBackend:
         return np.asarray(out, np.float64), None
 
 
+_ONNX_THREADS = {"intra_op": 0}  # threads of each new ONNX Runtime session (0: its default); see set_onnx_threads
+
+
+def set_onnx_threads(threads: int) -> None:
+    """Limit each ONNX Runtime session made from now on to ``threads`` intra-op threads (0: one per core).
+
+    Several worker processes on one host each take a share of the cores instead of all competing for all.
+    """
+    _ONNX_THREADS["intra_op"] = max(0, int(threads))
+
+
 class OnnxBackend:
     """ONNX Runtime serving of the exported model: outputs (features, probabilities) or probabilities."""
 
@@ -154,6 +165,8 @@ class OnnxBackend:
         # Idle intra-op threads sleep instead of spinning: the batch worker decodes the next chunk and the web
         # process answers requests on the same cores while a chunk is classified.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _ONNX_THREADS["intra_op"]:
+            options.intra_op_num_threads = _ONNX_THREADS["intra_op"]
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
