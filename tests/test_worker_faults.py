@@ -1,0 +1,294 @@
+"""Several real worker processes on one large batch, and the faults they must survive: a worker killed with
+``kill -9``, a worker stopped with SIGTERM mid-chunk, PostgreSQL restarted mid-batch. Every time the batch
+finishes and every image has exactly one prediction.
+
+A batch's image URL served by a local server that holds the first request until the test lets it go pins a
+worker inside a known chunk, so "mid-chunk" is a fact the test sees, not a timing guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from reports.models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
+from reports.submission import submit_batch, url_entries
+from reports.uploads import NamedBytes
+from tests.conftest import image_bytes, start_worker, test_database_url, unavailable
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
+
+PNG = image_bytes(size=(80, 80))
+FAST = {
+    "WBC_LEASE_SECONDS": "3",
+    "WBC_WORKER_RECOVERY_SECONDS": "1",
+    "WBC_WORKER_HEARTBEAT_SECONDS": "1",
+    "WBC_CHUNK_SIZE": "20",
+    "WBC_URL_ALLOWED_PRIVATE_HOSTS": "localhost",
+    "WBC_URL_FETCH_SECONDS": "60",
+    "WBC_BATCH_URL_BUDGET_SECONDS": "90",
+    "WBC_ONNX_THREADS": "1",
+}
+
+
+class HeldHandler(BaseHTTPRequestHandler):
+    """The first request is held until ``release`` (a worker waits on it inside its chunk); later ones answer."""
+
+    arrived = threading.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    taken = False
+
+    def do_GET(self):
+        with self.lock:
+            first, HeldHandler.taken = not HeldHandler.taken, True
+        if first:
+            self.arrived.set()
+            self.release.wait(90)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(PNG)))
+        self.end_headers()
+        self.wfile.write(PNG)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def held_url(settings):
+    settings.WBC_URL_ALLOWED_PRIVATE_HOSTS = {"localhost"}
+    HeldHandler.arrived.clear()
+    HeldHandler.release.clear()
+    HeldHandler.taken = False
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeldHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://localhost:{httpd.server_address[1]}/held.png"
+    HeldHandler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _batch(user, record, settings, url: str, *, files: int, url_position: int) -> Batch:
+    """``files`` generated images with one held URL at ``url_position``, in chunks of 20."""
+    settings.WBC_CHUNK_SIZE = int(FAST["WBC_CHUNK_SIZE"])
+    entries: list = [NamedBytes(f"cell{i}.png", image_bytes(color=(i % 256, 90, 160))) for i in range(files)]
+    entries.insert(url_position, url_entries([url], name_by_url=True)[0])
+    return submit_batch(user, entries, record, name="Large slide")
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _stop(*workers) -> None:
+    for worker in workers:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=20)
+
+
+def _holder(batch: Batch, url_position: int) -> BatchChunk:
+    """The chunk with the held URL (its worker waits on the download)."""
+    return batch.chunks.get(first_position__lte=url_position, end_position__gt=url_position)
+
+
+def _pid_of(worker_id: str) -> int:
+    return WorkerHeartbeat.objects.get(worker_id=worker_id).pid
+
+
+def _assert_every_image_classified_once(batch: Batch, total: int) -> None:
+    from classifier.models import Prediction
+
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE, batch.error
+    assert batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count() == total
+    assert Prediction.objects.count() == total  # nothing classified twice, nothing lost
+    assert not batch.chunks.exclude(status=BatchChunk.Status.DONE).exists()
+
+
+def test_two_workers_share_a_batch_and_one_stopped_with_sigterm_gives_its_chunk_back(
+    settings, technologist, tiny_record, models_dir, held_url
+):
+    batch = _batch(technologist, tiny_record, settings, held_url, files=199, url_position=5)
+    first = start_worker(settings, models_dir, **FAST)
+    second = start_worker(settings, models_dir, **FAST)
+    try:
+        assert HeldHandler.arrived.wait(180), "no worker reached the URL"
+        _wait_for(lambda: _holder(batch, 5).worker_id != "", 30, "the holder's id")
+        holder = _holder(batch, 5)
+        # While one worker waits inside chunk 0, the other classifies the rest of the batch: they share it.
+        _wait_for(
+            lambda: batch.chunks.filter(status="done").exclude(worker_id=holder.worker_id).count() >= 2,
+            120,
+            "the other worker to finish chunks",
+        )
+        assert holder.status == BatchChunk.Status.RUNNING and holder.attempts == 1
+        stopped = first if first.pid == _pid_of(holder.worker_id) else second
+        other = second if stopped is first else first
+        stopped.send_signal(signal.SIGTERM)
+        # It gives its chunk back at its next look (the download is left to end by itself), then exits cleanly.
+        _wait_for(lambda: _holder(batch, 5).lease != holder.lease, 30, "the chunk to be released")
+        HeldHandler.release.set()
+        assert stopped.wait(timeout=60) == 0
+        assert not BatchChunk.objects.filter(worker_id=holder.worker_id, status=BatchChunk.Status.RUNNING).exists()
+        _wait_for(lambda: Batch.objects.get(pk=batch.pk).is_finished, 120, "the batch to finish")
+        assert other.poll() is None  # still running, ready for more
+    finally:
+        HeldHandler.release.set()
+        _stop(first, second)
+    _assert_every_image_classified_once(batch, 200)
+    chunk = _holder(batch, 5)
+    assert chunk.worker_id != holder.worker_id  # finished by the other worker
+    assert chunk.attempts == 1  # a chunk given back is not a failed attempt
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
+    settings, technologist, tiny_record, models_dir, held_url
+):
+    batch = _batch(technologist, tiny_record, settings, held_url, files=299, url_position=30)
+    first = start_worker(settings, models_dir, **FAST)
+    second = start_worker(settings, models_dir, **FAST)
+    try:
+        assert HeldHandler.arrived.wait(180), "no worker reached the URL"
+        _wait_for(lambda: _holder(batch, 30).worker_id != "", 30, "the holder's id")
+        holder = _holder(batch, 30)
+        killed = first if first.pid == _pid_of(holder.worker_id) else second
+        survivor = second if killed is first else first
+        # the killed worker has stored the chunk's files before the URL: its results are kept, never redone
+        assert batch.items.filter(position__in=range(20, 30), status=BatchItem.Status.DONE).count() == 10
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=20)
+        HeldHandler.release.set()
+        # The dead lease expires (3 s); the survivor's recovery hands the chunk to it, which does only the rest.
+        _wait_for(lambda: Batch.objects.get(pk=batch.pk).is_finished, 180, "the batch to finish")
+        assert survivor.poll() is None
+    finally:
+        HeldHandler.release.set()
+        _stop(first, second)
+    _assert_every_image_classified_once(batch, 300)
+    chunk = _holder(batch, 30)
+    assert chunk.attempts == 2 and chunk.worker_id != holder.worker_id
+    assert batch.attempts == 2  # the batch shows the most attempts a chunk needed
+
+
+# --- PostgreSQL restarted mid-batch ---------------------------------------------------------------------------------
+
+
+def _postgres_tool(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        unavailable(f"{name} not found (PostgreSQL's server programs): needed for a throw-away cluster")
+    return found
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of the test's own, in a temporary folder on a free port; never the machine's server."""
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _postgres_tool("initdb"), _postgres_tool("pg_ctl")
+        # in /tmp itself: the postgres account cannot enter pytest's root-only folders
+        self.folder = folder = Path(tempfile.mkdtemp(prefix="wbc-pg-"))
+        self.data = folder / "data"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        # initdb refuses to run as root: as root, the cluster belongs to the postgres account
+        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_owner:
+            shutil.chown(folder, "postgres")
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self.as_owner, *command], check=True, capture_output=True, timeout=120)
+
+    def create(self) -> None:
+        self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
+
+
+def _copy_database(source_url: str, target: ThrowawayPostgres) -> str:
+    """The test database (schema, the batch and its queued tasks) copied into the throw-away cluster."""
+    pg_dump, psql = shutil.which("pg_dump"), shutil.which("psql")
+    if not (pg_dump and psql):
+        unavailable("pg_dump and psql are needed to copy the test database into a throw-away cluster")
+    subprocess.run([psql, target.url(), "-qc", "CREATE DATABASE wbc"], check=True, capture_output=True, timeout=60)
+    dump = subprocess.run([pg_dump, "--no-owner", source_url], check=True, capture_output=True, timeout=120).stdout
+    subprocess.run([psql, target.url("wbc"), "-q", "-v", "ON_ERROR_STOP=1"], input=dump, check=True, timeout=120)
+    return target.url("wbc")
+
+
+def _batch_state(url: str, batch_id: int) -> tuple[str, int, int] | None:
+    """(status, items with a prediction, predictions) in the throw-away database; None while it is unreachable."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            status = conn.execute("SELECT status FROM reports_batch WHERE id = %s", [batch_id]).fetchone()[0]
+            linked = conn.execute(
+                "SELECT count(*) FROM reports_batchitem WHERE batch_id = %s AND prediction_id IS NOT NULL", [batch_id]
+            ).fetchone()[0]
+            predictions = conn.execute("SELECT count(*) FROM classifier_prediction").fetchone()[0]
+    except psycopg.OperationalError:
+        return None
+    return status, linked, predictions
+
+
+def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
+    settings, technologist, tiny_record, models_dir, held_url
+):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        unavailable("needs the PostgreSQL test database")
+    cluster = ThrowawayPostgres()
+    worker = None
+    try:
+        cluster.create()
+        batch = _batch(technologist, tiny_record, settings, held_url, files=99, url_position=45)
+        url = _copy_database(test_database_url(), cluster)
+        worker = start_worker(settings, models_dir, **{**FAST, "DATABASE_URL": url})
+        assert HeldHandler.arrived.wait(180), "the worker never reached the URL"
+        assert _batch_state(url, batch.pk)[0] == "running"
+        cluster.stop()  # mid-batch, mid-chunk: every connection of the worker breaks
+        HeldHandler.release.set()  # the worker now needs the database to store the download
+        time.sleep(3)  # it meets the outage and waits it out
+        assert worker.poll() is None, worker.stdout.read()
+        cluster.start()
+        _wait_for(lambda: (_batch_state(url, batch.pk) or ("",))[0] == "done", 120, "the batch to finish")
+        assert worker.poll() is None  # it carried on, no restart needed
+        assert _batch_state(url, batch.pk) == ("done", 100, 100)  # every image once, nothing doubled
+    finally:
+        HeldHandler.release.set()
+        _stop(worker)
+        cluster.remove()
