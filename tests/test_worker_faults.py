@@ -26,7 +26,8 @@ import pytest
 from reports.models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
 from reports.submission import submit_batch, url_entries
 from reports.uploads import NamedBytes
-from tests.conftest import image_bytes, start_worker, test_database_url, unavailable
+from tests.conftest import TINY_SIZE, image_bytes, start_worker, test_database_url, unavailable
+from wbc_ml.checksums import file_sha256
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
 
@@ -65,6 +66,30 @@ class HeldHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model_file, tmp_path_factory) -> Path:
+    """The tiny model's ONNX copy: the workers serve it as production does (and start without TensorFlow)."""
+    from wbc_ml.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_model_file, path, TINY_SIZE, {"method": "scale01"})
+    return path
+
+
+@pytest.fixture
+def onnx_record(tiny_record, tiny_onnx, settings):
+    settings.WBC_ONNX_DIR = tiny_onnx.parent
+    tiny_record.onnx_file_name, tiny_record.onnx_sha256 = tiny_onnx.name, file_sha256(tiny_onnx)
+    tiny_record.save(update_fields=["onnx_file_name", "onnx_sha256"])
+    return tiny_record
+
+
+def _workers(settings, models_dir, count: int, **env: str) -> list[subprocess.Popen]:
+    return [
+        start_worker(settings, models_dir, **FAST, WBC_ONNX_DIR=str(settings.WBC_ONNX_DIR), **env) for _ in range(count)
+    ]
 
 
 @pytest.fixture
@@ -124,11 +149,10 @@ def _assert_every_image_classified_once(batch: Batch, total: int) -> None:
 
 
 def test_two_workers_share_a_batch_and_one_stopped_with_sigterm_gives_its_chunk_back(
-    settings, technologist, tiny_record, models_dir, held_url
+    settings, technologist, onnx_record, models_dir, held_url
 ):
-    batch = _batch(technologist, tiny_record, settings, held_url, files=199, url_position=5)
-    first = start_worker(settings, models_dir, **FAST)
-    second = start_worker(settings, models_dir, **FAST)
+    batch = _batch(technologist, onnx_record, settings, held_url, files=199, url_position=5)
+    first, second = _workers(settings, models_dir, 2)
     try:
         assert HeldHandler.arrived.wait(180), "no worker reached the URL"
         _wait_for(lambda: _holder(batch, 5).worker_id != "", 30, "the holder's id")
@@ -160,11 +184,10 @@ def test_two_workers_share_a_batch_and_one_stopped_with_sigterm_gives_its_chunk_
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
-    settings, technologist, tiny_record, models_dir, held_url
+    settings, technologist, onnx_record, models_dir, held_url
 ):
-    batch = _batch(technologist, tiny_record, settings, held_url, files=299, url_position=30)
-    first = start_worker(settings, models_dir, **FAST)
-    second = start_worker(settings, models_dir, **FAST)
+    batch = _batch(technologist, onnx_record, settings, held_url, files=299, url_position=30)
+    first, second = _workers(settings, models_dir, 2)
     try:
         assert HeldHandler.arrived.wait(180), "no worker reached the URL"
         _wait_for(lambda: _holder(batch, 30).worker_id != "", 30, "the holder's id")
@@ -265,7 +288,7 @@ def _batch_state(url: str, batch_id: int) -> tuple[str, int, int] | None:
 
 
 def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
-    settings, technologist, tiny_record, models_dir, held_url
+    settings, technologist, onnx_record, models_dir, held_url
 ):
     from django.db import connection
 
@@ -275,9 +298,9 @@ def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
     worker = None
     try:
         cluster.create()
-        batch = _batch(technologist, tiny_record, settings, held_url, files=99, url_position=45)
+        batch = _batch(technologist, onnx_record, settings, held_url, files=99, url_position=45)
         url = _copy_database(test_database_url(), cluster)
-        worker = start_worker(settings, models_dir, **{**FAST, "DATABASE_URL": url})
+        (worker,) = _workers(settings, models_dir, 1, DATABASE_URL=url)
         assert HeldHandler.arrived.wait(180), "the worker never reached the URL"
         assert _batch_state(url, batch.pk)[0] == "running"
         cluster.stop()  # mid-batch, mid-chunk: every connection of the worker breaks
