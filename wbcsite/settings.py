@@ -240,7 +240,7 @@ WBC_URL_FETCHES_PER_USER = env_int("WBC_URL_FETCHES_PER_USER", 2)
 WBC_BATCH_URL_BUDGET_SECONDS = env_int("WBC_BATCH_URL_BUDGET_SECONDS", 120)
 WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a chunk whose task keeps failing fails its batch
 # A batch is split into chunks of about WBC_CHUNK_SIZE images; each chunk is one task, so several workers share it.
-WBC_CHUNK_SIZE = max(1, env_int("WBC_CHUNK_SIZE", 96))
+WBC_CHUNK_SIZE = max(1, env_int("WBC_CHUNK_SIZE", 128))
 # ONNX Runtime threads per inference session in the worker (0: ONNX Runtime's default, one per core).
 WBC_ONNX_THREADS = max(0, env_int("WBC_ONNX_THREADS", 0))
 # The worker writes a heartbeat every WBC_WORKER_HEARTBEAT_SECONDS; older than WBC_WORKER_STALE_SECONDS means "no
