@@ -9,7 +9,10 @@ where the machine has the cores, pinned to a core of its own (so "1 worker" mean
 decoding included, and "2 workers" two). The batch (N real PBC JPEGs, or generated 360x363 JPEG smears without
 the data folder) is stored with ``reports.submission.submit_batch`` and timed from its commit until it is done;
 its chunks (``WBC_CHUNK_SIZE``) are what the workers share. Rounds alternate 1 and 2 workers; medians are
-reported, with images/s and the ratio (goal >= 1.8x). Every image must have exactly one prediction.
+reported, with images/s, the ratio (goal >= 1.8x), and how many cores' worth of CPU time the workers actually got
+while timed (on a shared machine, less than the number of workers means they waited for a core). Every image must
+have exactly one prediction. Images/s per core used shows the cost of sharing a batch: equal for 1 and 2 workers
+means nothing in the chunk design serialises them, so with a free core each the ratio approaches 2.
 """
 
 from __future__ import annotations
@@ -88,6 +91,16 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
         worker.wait(timeout=60)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes (all their threads)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 def wait_done(batch_id: int, timeout: float = 1800) -> None:
     from reports.models import Batch
 
@@ -98,8 +111,9 @@ def wait_done(batch_id: int, timeout: float = 1800) -> None:
         time.sleep(0.05)
 
 
-def time_batch(user, record, entries) -> float:
-    """Seconds from the batch's commit until it is done; checks every image has exactly one prediction."""
+def time_batch(user, record, entries) -> tuple[float, int]:
+    """(seconds from the batch's commit until it is done, how many workers took its chunks); checks every image has
+    exactly one prediction."""
     from reports.models import Batch, BatchItem
     from reports.submission import submit_batch
 
@@ -111,7 +125,7 @@ def time_batch(user, record, entries) -> float:
     classified = batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count()
     if batch.status != Batch.Status.DONE or classified != len(entries):
         raise RuntimeError(f"batch {batch.pk}: {batch.status}, {classified} of {len(entries)} classified")
-    return elapsed
+    return elapsed, batch.chunks.values("worker_id").distinct().count()
 
 
 def warm_up(user, record, entries, workers: list[subprocess.Popen]) -> None:
@@ -153,6 +167,8 @@ def main() -> None:
     }
     os.environ.update(env)
     timings: dict[int, list[float]] = {1: [], 2: []}
+    sharing: dict[int, list[int]] = {1: [], 2: []}
+    busy: dict[int, list[float]] = {1: [], 2: []}  # cores' worth of CPU the workers got while timed
     try:
         from reports.uploads import NamedBytes
 
@@ -165,7 +181,12 @@ def main() -> None:
                 workers = start_workers(count, env)
                 try:
                     warm_up(user, record, warm_entries, workers)
-                    timings[count].append(time_batch(user, record, entries))
+                    pids = [worker.pid for worker in workers]
+                    cpu_before = cpu_seconds(pids)
+                    seconds, took = time_batch(user, record, entries)
+                    timings[count].append(seconds)
+                    sharing[count].append(took)
+                    busy[count].append((cpu_seconds(pids) - cpu_before) / seconds)
                 finally:
                     stop_workers(workers)
     finally:
@@ -183,12 +204,17 @@ def main() -> None:
     print(f"1 ONNX Runtime thread per worker{', each worker pinned to its own core' if pinned else ''}; ")
     print(f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end; ")
     print(f"median of {args.rounds} rounds\n")
-    print(f"{'workers':<10}{'seconds':>10}{'images/s':>10}{'vs 1 worker':>14}   rounds (s)")
+    print(
+        f"{'workers':<10}{'seconds':>10}{'images/s':>10}{'vs 1 worker':>14}{'cores used':>12}{'img/s per core':>16}"
+        "   rounds (s; workers that took chunks)"
+    )
     base = len(entries) / statistics.median(timings[1])
     for count, values in timings.items():
         rate = len(entries) / statistics.median(values)
-        rounds = ", ".join(f"{v:.1f}" for v in values)
-        print(f"{count:<10}{statistics.median(values):>10.1f}{rate:>10.1f}{rate / base:>13.2f}x   {rounds}")
+        rounds = ", ".join(f"{v:.1f} ({n})" for v, n in zip(values, sharing[count], strict=True))
+        seconds, cores = statistics.median(values), statistics.median(busy[count])
+        per_core = rate / cores if cores else float("nan")
+        print(f"{count:<10}{seconds:>10.1f}{rate:>10.1f}{rate / base:>13.2f}x{cores:>12.2f}{per_core:>16.1f}  {rounds}")
     print(f"\nscaling 1 -> 2 workers: {len(entries) / statistics.median(timings[2]) / base:.2f}x (goal >= 1.8x)")
 
 
