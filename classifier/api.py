@@ -29,6 +29,7 @@ from wbcsite.api_base import (
     UUID_PATTERN,
     LabApiMixin,
     PNGRenderer,
+    WebPRenderer,
     error_response,
     validated_query,
 )
@@ -54,7 +55,14 @@ from .serializers import (
     limits_payload,
     model_ref,
 )
-from .services import UploadedImage, classify_image, ensure_saliency, read_upload, usable_models
+from .services import (
+    UploadedImage,
+    classify_image,
+    ensure_saliency,
+    read_upload,
+    saliency_content_type,
+    usable_models,
+)
 
 
 def default_model_for(user) -> ClassifierModel:
@@ -200,20 +208,21 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
         return Response(body, status=status.HTTP_201_CREATED, headers={"Location": body["url"]})
 
     @extend_schema(
-        summary="The saliency map of a prediction (PNG)",
+        summary="The saliency map of a prediction (WebP; maps stored before WebP stay PNG)",
         parameters=[SaliencyQuerySerializer],
         responses={
-            (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="the overlay, made on first request"),
+            (200, "image/webp"): OpenApiResponse(OpenApiTypes.BINARY, description="the overlay, made on first request"),
+            (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="an overlay stored before WebP"),
             503: error_response("The model cannot be loaded right now."),
         },
         tags=["predictions"],
     )
-    @action(detail=True, methods=["get"], renderer_classes=[PNGRenderer, JSONRenderer])
+    @action(detail=True, methods=["get"], renderer_classes=[WebPRenderer, PNGRenderer, JSONRenderer])
     def saliency(self, request, uid=None):
         prediction = self.get_object()
         method = validated_query(SaliencyQuerySerializer, request)["method"]
         field = ensure_saliency(prediction, method)  # ModelUnavailable -> 503 (api_support)
-        response = FileResponse(field.open("rb"), content_type="image/png")
+        response = FileResponse(field.open("rb"), content_type=saliency_content_type(field))
         response["Cache-Control"] = "private, max-age=86400"
         return response
 

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
+from accounts.models import Laboratory
 from wbc_ml.checksums import file_sha256
 from wbc_ml.onnx_export import export_onnx, fallback_status, onnx_file_name, served_status
 from wbc_ml.preprocessing import Normalization
@@ -76,12 +78,32 @@ def register_card(
         "is_bundled": True,
         "laboratory": None,
     }
-    record, created = ClassifierModel.objects.update_or_create(
-        name=card["name"], version=str(card.get("version", "1")), defaults=defaults
-    )
+    version = str(card.get("version", "1"))
+    registered = ClassifierModel.objects.filter(name=card["name"], version=version).first()
+    if registered is not None and (registered.sha256, registered.ood_sha256) != (
+        defaults["sha256"],
+        defaults["ood_sha256"],
+    ):
+        raise CardError(
+            f"{card_path.name}: {card['name']} v{version} is registered with other files (model sha256 "
+            f"{registered.sha256[:12]}…, detectors {registered.ood_sha256[:12] or 'none'}…); a changed model or "
+            "detector file needs a new version in its card"
+        )
+    record, created = ClassifierModel.objects.update_or_create(name=card["name"], version=version, defaults=defaults)
+    if created:
+        retire_older_versions(record)
     if convert_onnx:
         ensure_onnx(record)
     return record, created
+
+
+def retire_older_versions(record: ClassifierModel) -> None:
+    """Older bundled versions of the model stop being offered (their rows, and the results that name them, stay);
+    labs and users whose default was one of them get the new version."""
+    older = ClassifierModel.objects.filter(name=record.name, is_bundled=True).exclude(pk=record.pk)
+    Laboratory.objects.filter(default_model__in=older).update(default_model=record)
+    get_user_model().objects.filter(default_model__in=older).update(default_model=record)
+    older.update(is_active=False)
 
 
 def bundled_cards(models_dir: Path) -> list[Path]:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from django.conf import settings
+from django.core.cache import cache
 from django.core.files.base import ContentFile
 from django.db import transaction
 
 from accounts.scoping import scoped
+from wbc_ml import saliency
 from wbc_ml.inference import ModelUnavailable, Result, get_classifier
 from wbc_ml.preprocessing import FILE_SUFFIXES, ImageRejected, decode_image, resize, sniff_image_type
-from wbc_ml.saliency_child import saliency_png_in_sandbox
+from wbc_ml.saliency_child import saliency_in_sandbox
 
 from .models import ClassifierModel, Prediction
+
+GRADCAM_KEEP_S = 600  # a result page or an API client asks for the map within seconds of classifying
 
 
 def usable_models(user):
@@ -109,6 +114,7 @@ def classify_image(
     except Exception:
         prediction.image.delete(save=False)  # nothing half-stored
         raise
+    keep_gradcam(prediction, result)
     remember_model(user, model_record)
     return prediction
 
@@ -121,13 +127,12 @@ def remember_model(user, model_record: ClassifierModel) -> None:
 
 
 def ensure_saliency(prediction: Prediction, method: str):
-    """The stored saliency overlay for ``method``, made on first request and kept.
+    """The stored saliency overlay (WebP) for ``method``, made on first request and kept.
 
-    A lab's uploaded model is never loaded with Keras in this process: its maps are made in a sandboxed child
-    (:mod:`wbc_ml.saliency_child`); a bundled model's are made here.
+    Made in this process only without loading TensorFlow for it (:func:`_heatmap_here`); otherwise by TensorFlow in a
+    sandboxed child (:mod:`wbc_ml.saliency_child`): the input-gradient map, and Grad-CAM of a model whose ONNX copy
+    has no map output.
     """
-    from wbc_ml import saliency  # TensorFlow gradients; imported only when a map is needed
-
     if method not in saliency.METHODS:
         raise ValueError(method)
     field = getattr(prediction, method)
@@ -138,17 +143,53 @@ def ensure_saliency(prediction: Prediction, method: str):
     with prediction.image.open("rb") as handle:
         data = handle.read()
     class_index = record.class_names.index(prediction.predicted_class)
-    if spec.allow_keras_fallback:  # our own bundled files: computed here
-        image = decode_image(data, name=prediction.original_filename)
-        heatmap = saliency.saliency_map(get_classifier(spec), resize(image, record.input_size), class_index, method)
-        png = saliency.overlay_png(image, heatmap)
-    else:  # a lab's upload is never loaded with Keras in this process
-        png = saliency_png_in_sandbox(
+    image = decode_image(data, name=prediction.original_filename)
+    heatmap = _heatmap_here(prediction, spec, image, class_index, method)
+    if heatmap is not None:
+        picture = saliency.overlay(image, heatmap)
+    else:
+        picture = saliency_in_sandbox(
             spec, data, class_index=class_index, method=method, image_name=prediction.original_filename
         )
-    field.save(f"{prediction.uid}-{method}.png", ContentFile(png), save=False)
+    field.save(f"{prediction.uid}-{method}{saliency.OVERLAY_SUFFIX}", ContentFile(picture), save=False)
     Prediction.objects.filter(pk=prediction.pk).update(**{method: field.name})
     return field
+
+
+def _heatmap_here(prediction: Prediction, spec, image, class_index: int, method: str):
+    """The [0, 1] map, when this process can make it without loading TensorFlow for it; None otherwise.
+
+    Grad-CAM comes from the ONNX copy: the map kept when the image was classified, else one more ONNX run. When this
+    process already serves the model with TensorFlow (a bundled model without a usable ONNX copy), TensorFlow makes
+    either map here, as it is loaded anyway.
+    """
+    if method == "gradcam":
+        kept = cache.get(_gradcam_cache_key(prediction.uid))
+        if kept is not None:
+            return saliency.gradcam_from_raw(kept)
+    classifier = get_classifier(spec)
+    pixels = resize(image, spec.input_size)
+    if method == "gradcam" and classifier.has_gradcam:
+        return saliency.gradcam_from_raw(classifier.gradcam_raw(pixels, class_index))
+    if classifier.serves_with_tensorflow:
+        return saliency.saliency_map(classifier, pixels, class_index, method)
+    return None
+
+
+def keep_gradcam(prediction: Prediction, result: Result) -> None:
+    """Keep the map the classification already computed for a while, so fetching its Grad-CAM needs no second run
+    (in the shared cache: another web process or host finds it too)."""
+    if result.gradcam_raw is not None:
+        cache.set(_gradcam_cache_key(prediction.uid), np.asarray(result.gradcam_raw, np.float32), GRADCAM_KEEP_S)
+
+
+def _gradcam_cache_key(uid) -> str:
+    return f"wbc:gradcam-raw:{uid}"
+
+
+def saliency_content_type(field) -> str:
+    """The Content-Type of a stored overlay (WebP, or PNG for maps stored before WebP)."""
+    return saliency.content_type(field.name)
 
 
 __all__ = [
@@ -158,5 +199,6 @@ __all__ = [
     "ensure_saliency",
     "new_prediction",
     "read_upload",
+    "saliency_content_type",
     "usable_models",
 ]

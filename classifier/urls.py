@@ -14,5 +14,5 @@ urlpatterns = [
     path("settings/threshold/", views.update_threshold, name="threshold"),
     path("predictions/<uuid:uid>/", views.prediction_detail, name="prediction"),
     path("predictions/<uuid:uid>/image/", views.prediction_image, name="prediction_image"),
-    path("predictions/<uuid:uid>/saliency/<str:method>.png", views.prediction_saliency, name="saliency"),
+    path("predictions/<uuid:uid>/saliency/<str:method>/", views.prediction_saliency, name="saliency"),
 ]

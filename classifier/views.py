@@ -20,7 +20,14 @@ from .fetch import UrlRefused, fetch_url
 from .filters import ListFilterForm, filter_dates
 from .forms import ClassifyForm, CustomModelForm, ThresholdForm, UrlForm
 from .models import ClassifierModel, Prediction
-from .services import UploadedImage, classify_image, ensure_saliency, read_upload, usable_models
+from .services import (
+    UploadedImage,
+    classify_image,
+    ensure_saliency,
+    read_upload,
+    saliency_content_type,
+    usable_models,
+)
 
 SALIENCY_LABELS = {"gradcam": "Grad-CAM", "gradient": "Input gradient"}
 
@@ -122,7 +129,7 @@ def prediction_saliency(request: HttpRequest, uid, method: str) -> HttpResponse:
         field = ensure_saliency(prediction, method)
     except ModelUnavailable as exc:
         return model_unavailable(request, exc)
-    response = FileResponse(field.open("rb"), content_type="image/png")
+    response = FileResponse(field.open("rb"), content_type=saliency_content_type(field))
     response["Cache-Control"] = "private, max-age=86400"
     return response
 

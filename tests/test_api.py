@@ -284,9 +284,10 @@ def test_classify_a_file_returns_the_result_links_and_review_flag(api, neutrophi
     assert again["id"] == body["id"] and again["threshold"] == 0.5 and again["needs_review"] is False
     assert api.get(body["url"]).json()["threshold"] == technologist.review_threshold
 
-    png = api.get(body["saliency"]["gradcam"])
-    assert png.status_code == 200 and png["Content-Type"] == "image/png"
-    assert b"".join(png.streaming_content).startswith(b"\x89PNG")
+    overlay = api.get(body["saliency"]["gradcam"])
+    assert overlay.status_code == 200 and overlay["Content-Type"] == "image/webp"
+    content = b"".join(overlay.streaming_content)
+    assert content[:4] == b"RIFF" and content[8:12] == b"WEBP"
     _error(api.get(body["saliency"]["gradcam"].replace("gradcam", "sepia")), 400, "invalid")
 
 

@@ -92,7 +92,7 @@ def test_model_flags_held_out_non_wbc_cells_for_review(architecture, settings, t
 
     non_wbc = Path(require_shared_data()).parent / "pbc-non-wbc"
     paths = sorted(p for p in non_wbc.rglob("*.jpg"))
-    _, held_out = split_non_wbc(paths)
+    held_out = split_non_wbc(paths).report
     card_path = BUNDLED_MODELS / f"{architecture}.json"
     record = _registered(card_path, settings, tmp_path)
     classifier = get_classifier(record.spec())

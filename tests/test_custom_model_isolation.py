@@ -19,7 +19,7 @@ from PIL import Image
 from classifier.models import ClassifierModel, Prediction
 from tests.conftest import image_bytes
 from wbc_ml.inference import ModelUnavailable, OnnxBackend, get_classifier
-from wbc_ml.saliency_child import saliency_png_in_sandbox
+from wbc_ml.saliency_child import saliency_in_sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = "isolation_probe"  # every layer of the uploaded model is named with this, so its Keras objects can be found
@@ -132,9 +132,10 @@ def test_a_custom_model_classifies_and_gets_both_saliency_maps_without_keras_in_
     for method in ("gradcam", "gradient"):
         response = admin_client.get(reverse("classifier:saliency", args=[prediction.uid, method]))
         assert response.status_code == 200, response.content[-1000:]
-        png = Image.open(io.BytesIO(b"".join(response.streaming_content)))
-        assert png.format == "PNG" and png.size == original.size
-        maps[method] = np.asarray(png.convert("RGB"), np.int16)
+        assert response["Content-Type"] == "image/webp"
+        overlay = Image.open(io.BytesIO(b"".join(response.streaming_content)))
+        assert overlay.format == "WEBP" and overlay.size == original.size
+        maps[method] = np.asarray(overlay.convert("RGB"), np.int16)
         assert np.abs(maps[method] - np.asarray(original, np.int16)).mean() > 5  # a heatmap was blended in
     assert np.abs(maps["gradcam"] - maps["gradient"]).mean() > 1  # two different maps
     prediction.refresh_from_db()
@@ -168,10 +169,11 @@ def test_the_saliency_child_refuses_a_model_file_whose_sha256_differs_from_the_r
     record = ClassifierModel.objects.get(laboratory=lab_a, is_bundled=False)
     prediction = _classify(admin_client, record)
     record.path.write_bytes(model_files["other.keras"].read_bytes())  # a valid model, but not the registered one
-    response = admin_client.get(reverse("classifier:saliency", args=[prediction.uid, "gradcam"]))
+    # the input-gradient map needs the model file itself (Grad-CAM comes from the checked ONNX copy)
+    response = admin_client.get(reverse("classifier:saliency", args=[prediction.uid, "gradient"]))
     assert response.status_code == 503
     assert "does not match its registered checksum" in response.content.decode()
     prediction.refresh_from_db()
-    assert not prediction.gradcam
+    assert not prediction.gradient
     with pytest.raises(ModelUnavailable, match=r"does not match its registered checksum"):
-        saliency_png_in_sandbox(record.spec(), image_bytes(), class_index=0, method="gradient")
+        saliency_in_sandbox(record.spec(), image_bytes(), class_index=0, method="gradcam")

@@ -79,3 +79,40 @@ def test_probe_batch_is_deterministic_and_normalised():
     b = probe_batch((8, 8), {"method": "scale01"})
     np.testing.assert_array_equal(a, b)
     assert a.shape == (8, 8, 8, 3) and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_a_copy_exported_before_maps_still_serves_its_saliency_comes_from_tensorflow_and_it_is_exported_again(
+    tiny_record, technologist, settings, tmp_path
+):
+    """A copy of the previous layout (features and probabilities, no metadata) keeps serving the same results; its
+    Grad-CAM is made by TensorFlow (the sandboxed child), and registration exports a copy with maps."""
+    from classifier.services import UploadedImage, classify_image, ensure_saliency
+    from wbc_ml.inference import load_keras_model, serving_model
+    from wbc_ml.onnx_export import SERVING_LAYOUT
+
+    settings.WBC_ONNX_DIR = tmp_path / "onnx"
+    settings.WBC_ONNX_DIR.mkdir()
+    old = settings.WBC_ONNX_DIR / f"{tiny_record.sha256[:20]}-{tiny_record.pk}-f2.onnx"
+    previous_layout = serving_model(load_keras_model(tiny_record.path))
+    previous_layout.predict_on_batch(probe_batch(TINY_SIZE, tiny_record.normalization))  # Keras exports called models
+    previous_layout.export(str(old), format="onnx", verbose=False)
+    tiny_record.onnx_file_name, tiny_record.onnx_sha256 = old.name, file_sha256(old)
+    tiny_record.save()
+    classifier = get_classifier(tiny_record.spec())
+    assert classifier.backend.roles == ("features", "probabilities") and not classifier.has_gradcam
+    assert classifier.backend.run(classifier.prepare(_pixels(2)))[1].shape == (2, 32)  # detector features: 16 + 16
+    results = classifier.predict(_pixels(3))
+    assert all(r.gradcam_raw is None for r in results)
+
+    prediction = classify_image(technologist, UploadedImage("cell.png", image_bytes(size=(50, 40))), tiny_record)
+    field = ensure_saliency(prediction, "gradcam")  # not served by TensorFlow here: the sandboxed child makes it
+    assert field.name.endswith(".webp")
+
+    ensure_onnx(tiny_record)
+    tiny_record.refresh_from_db()
+    assert tiny_record.onnx_file_name.endswith(f"-{SERVING_LAYOUT}.onnx") and tiny_record.onnx_file_name != old.name
+    renewed = get_classifier(tiny_record.spec())
+    assert renewed.backend.roles == ("features", "probabilities", "gradcam") and renewed.has_gradcam
+    np.testing.assert_allclose(
+        [r.probabilities for r in renewed.predict(_pixels(3))], [r.probabilities for r in results], atol=1e-6
+    )

@@ -145,11 +145,15 @@ def test_detector_threshold_keeps_validation_flags_within_the_budget_and_survive
     assert (again.is_outlier(val) == detector.is_outlier(val)).mean() > 0.99
 
 
-def test_non_wbc_split_is_per_kind_and_disjoint(tmp_path):
-    paths = [tmp_path / kind / f"{kind}_{i}.jpg" for kind in ("ig", "platelet") for i in range(6)]
-    fit, measure = split_non_wbc(paths)
-    assert len(fit) == len(measure) == 6 and not set(fit) & set(measure)
-    assert sum(p.parent.name == "ig" for p in fit) == 3
+def test_non_wbc_split_into_fit_choose_report_thirds_is_disjoint_and_stable_as_files_are_added(tmp_path):
+    paths = [tmp_path / kind / f"{kind}_{i}.jpg" for kind in ("ig", "platelet") for i in range(60)]
+    parts = split_non_wbc(paths)
+    assert sorted(parts.fit + parts.choose + parts.report) == sorted(paths)
+    assert not set(parts.fit) & set(parts.choose) and not set(parts.choose) & set(parts.report)
+    assert all(25 <= len(part) <= 55 for part in parts)  # about a third of 120 each
+    grown = split_non_wbc([*paths, *(tmp_path / "ig" / f"new_{i}.jpg" for i in range(40))])
+    for before, after in zip(parts, grown, strict=True):
+        assert set(before) <= set(after)  # no file changes part when files are added
 
 
 def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path, capsys):
@@ -180,8 +184,11 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert card["data"]["split_sizes"] == {"train": 30, "val": 5, "test": 5}
     assert card["metrics"]["test"]["n"] == 5
     assert card["trained_with"]["command"].startswith("python manage.py train_model")
-    assert card["ood"]["evaluated_on"].startswith("2 held-out images")
-    assert card["training"]["outlier_exposure"].startswith("2 images (the fitting half of pbc-non-wbc/) x4")
+    assert card["ood"]["evaluated_on"].startswith("2 images of the report third")
+    low, high = card["ood"]["non_wbc_flagged_share_95ci"]
+    assert low <= card["ood"]["non_wbc_flagged_share"] <= high and high - low > 0.3  # two images: a wide interval
+    assert len(card["ood"]["detector_choice"]["candidates"]) == 3  # chosen on the choose third, not the report third
+    assert card["training"]["outlier_exposure"].startswith("1 images (the fit third of pbc-non-wbc/) x4")
     assert card["ood"]["method"].startswith("The classifier itself was trained with outlier exposure")
     from wbc_ml.checksums import file_sha256
 
@@ -210,13 +217,13 @@ def test_train_and_evaluate_commands_write_an_honest_card(tiny_dataset, tmp_path
     assert refitted["method"] == card["ood"]["method"]  # still says how the classifier was trained
 
 
-def test_outlier_exposure_adds_only_the_fitting_half_of_non_wbc_with_uniform_targets(tiny_dataset, tmp_path):
+def test_outlier_exposure_adds_only_the_fit_third_of_non_wbc_with_uniform_targets(tiny_dataset, tmp_path):
     from wbc_ml.training import OUTLIER_REPEATS, OUTLIER_WEIGHT, TrainConfig, class_weights, with_outlier_exposure
 
     platelets = sorted((tmp_path / "pbc-non-wbc" / "platelet").glob("*.jpg"))
-    for i, path in enumerate(platelets):  # four different looks, so the halves can be told apart
+    for i, path in enumerate(platelets):  # four different looks, so the thirds can be told apart
         path.write_bytes(image_bytes(size=(48, 48), fmt="JPEG", color=(240, 60 * i, 90)))
-    fit_half, _ = split_non_wbc(platelets)
+    fit_half = split_non_wbc(platelets).fit
     config = TrainConfig("enhanced_cnn_v2", tiny_dataset, tmp_path / "out", input_size=(16, 16))
     x, y = datasets.load_arrays(datasets.split_samples(datasets.list_images(tiny_dataset))["train"], (16, 16))
 
@@ -253,7 +260,7 @@ def test_the_fine_tuned_mobilenet_trains_end_to_end_and_serves_its_card(tiny_dat
     assert card["input_size"] == [224, 224] and card["normalization"]["mean"] == [127.5] * 3
     assert card["training"]["unfrozen_layers"][0].startswith("block_16_")
     assert card["training"]["finetune_epochs_run"] == 1 and card["training"]["epochs_run"] == 2
-    assert card["metrics"]["test"]["n"] == 5 and card["ood"]["evaluated_on"].startswith("2 held-out images")
+    assert card["metrics"]["test"]["n"] == 5 and card["ood"]["evaluated_on"].startswith("2 images of the report third")
     assert saved_without_optimizer(out / "mobilenet_v2_finetuned.keras")
     from wbc_ml.checksums import file_sha256
     from wbc_ml.inference import ModelSpec, get_classifier

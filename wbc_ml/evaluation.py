@@ -6,6 +6,7 @@ Used by the ``evaluate_model`` and ``fit_ood`` commands; the same preprocessing 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import keras
@@ -15,15 +16,15 @@ from . import datasets
 from .adaptation.cells import unseen
 from .inference import has_feature_layer
 from .metrics import MetricsReport, apply_temperature, classification_report
-from .ood import OodDetector, fit_ood
+from .ood import OodDetector
 from .preprocessing import Normalization
 from .review_flag import DEFAULT_THRESHOLD
 from .training import (
     Log,
     evaluate_ood,
     features_and_probs,
-    features_of_paths,
-    non_wbc_halves,
+    fit_detectors,
+    non_wbc_parts,
     ood_card,
     predict_in_batches,
 )
@@ -120,13 +121,9 @@ def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
         features, raw = features_and_probs(model, x, normalization)
         outputs[name] = (features, apply_temperature(raw, temperature), y)
         log(f"features of the {name} split: {features.shape}")
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(data_dir)
-    ood = fit_ood(
-        outputs["train"][0],
-        outputs["train"][2],
-        outputs["val"][0],
-        outputs["val"][1].max(axis=1),
-        features_of_paths(model, normalization, non_wbc_fit, size, dihedral=True),
+    non_wbc = non_wbc_parts(data_dir)
+    ood, choice = fit_detectors(
+        model, normalization, temperature, size, non_wbc, outputs["train"][::2], outputs["val"][:2]
     )
     ood_path = (
         model_path.with_name(card["architecture"] + ".ood.npz")
@@ -138,8 +135,16 @@ def refit_ood(model_path: Path, data_dir: Path, log: Log = print) -> dict:
     card["ood"] = ood_card(
         ood,
         ood_path,
-        evaluate_ood(model, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size),
-        outlier_exposure="outlier_exposure" in card.get("training", {}),
+        evaluate_ood(model, normalization, temperature, ood, test_features, test_probs, non_wbc.report, size),
+        card.get("training", {}).get("outlier_exposure", ""),
+        choice,
     )
+    card["version"] = detectors_version(str(card.get("version", "1")))
     model_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card["ood"]
+
+
+def detectors_version(version: str) -> str:
+    """The card version after its detectors were refitted: a registered version never changes its files."""
+    base = version.split("+detectors.", maxsplit=1)[0]
+    return f"{base}+detectors.{time.strftime('%Y.%m.%d.%H%M', time.gmtime())}"

@@ -76,6 +76,21 @@ class Result:
     confidence: float
     ood_score: float | None
     is_outlier: bool
+    # Grad-CAM's sum_k alpha_k A_k for the predicted class (before its ReLU), when the ONNX copy gives the map
+    gradcam_raw: np.ndarray | None = None
+
+
+# The ONNX copy's metadata key naming its outputs in order (``features,probabilities,gradcam``); a copy exported
+# before it existed has (features, probabilities) or (probabilities) and no map.
+ONNX_OUTPUTS_KEY = "wbc_outputs"
+OUTPUT_ROLES = ("features", "probabilities", "gradcam")
+
+
+@dataclass(frozen=True)
+class BackendOutput:
+    probabilities: np.ndarray  # (B, C), float64
+    features: np.ndarray | None  # (B, F) detector features
+    gradcam_raw: np.ndarray | None  # (B, H, W, C): every class's Grad-CAM before the ReLU
 
 
 NON_FINITE_MESSAGE = (
@@ -131,6 +146,8 @@ class KerasBackend:
         self.with_features = with_features and has_feature_layer(model)
         self._lock = threading.Lock()
 
+    with_gradcam = False  # TensorFlow serving is the fallback: its maps are made by the sandboxed child
+
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:  # Keras models are not guaranteed re-entrant across threads
             out = self.model.predict_on_batch(batch)
@@ -138,6 +155,9 @@ class KerasBackend:
             features, probs = out
             return np.asarray(probs, np.float64), np.asarray(features, np.float64)
         return np.asarray(out, np.float64), None
+
+    def run_all(self, batch: np.ndarray) -> BackendOutput:
+        return BackendOutput(*self.run(batch), None)
 
 
 _ONNX_THREADS = {"intra_op": 0}  # threads of each new ONNX Runtime session (0: its default); see set_onnx_threads
@@ -152,7 +172,8 @@ def set_onnx_threads(threads: int) -> None:
 
 
 class OnnxBackend:
-    """ONNX Runtime serving of the exported model: outputs (features, probabilities) or probabilities."""
+    """ONNX Runtime serving of the exported model: probabilities, and the detector features and the Grad-CAM maps
+    when the copy has them (its ``wbc_outputs`` metadata names the outputs)."""
 
     name = "onnxruntime"
 
@@ -170,13 +191,31 @@ class OnnxBackend:
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.with_features = len(self.session.get_outputs()) == 2
+        self.roles = self._output_roles()
+        self.with_features = "features" in self.roles
+        self.with_gradcam = "gradcam" in self.roles
+
+    def _output_roles(self) -> tuple[str, ...]:
+        count = len(self.session.get_outputs())
+        named = self.session.get_modelmeta().custom_metadata_map.get(ONNX_OUTPUTS_KEY)
+        roles = tuple(named.split(",")) if named else ("features", "probabilities")[-count:]
+        if len(roles) != count or "probabilities" not in roles or not set(roles) <= set(OUTPUT_ROLES):
+            raise ValueError(f"the ONNX copy's {count} outputs do not match its layout {roles}")
+        return roles
+
+    def run_all(self, batch: np.ndarray) -> BackendOutput:
+        values = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        out = dict(zip(self.roles, values, strict=True))
+        features = out.get("features")
+        return BackendOutput(
+            np.asarray(out["probabilities"], np.float64),
+            None if features is None else np.asarray(features, np.float64),
+            out.get("gradcam"),
+        )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        if self.with_features:
-            return np.asarray(out[1], np.float64), np.asarray(out[0], np.float64)
-        return np.asarray(out[0], np.float64), None
+        out = self.run_all(batch)
+        return out.probabilities, out.features
 
 
 def load_keras_model(path: Path):
@@ -296,6 +335,23 @@ class Classifier:
         """uint8 NxHxWx3 (already resized) to normalised float32 model input."""
         return self.normalization.apply(pixels)
 
+    @property
+    def serves_with_tensorflow(self) -> bool:
+        """Whether this process serves the model with TensorFlow (the fallback for a bundled model)."""
+        return isinstance(self.backend, KerasBackend)
+
+    @property
+    def has_gradcam(self) -> bool:
+        """Whether the served ONNX copy gives Grad-CAM maps (else they are made by TensorFlow in a child)."""
+        return self.backend.with_gradcam
+
+    def gradcam_raw(self, pixels: np.ndarray, class_index: int) -> np.ndarray | None:
+        """One image's Grad-CAM for ``class_index`` before its ReLU, (H, W) at the feature map's resolution, from the
+        ONNX copy; None when the copy has no map output."""
+        if not self.has_gradcam:
+            return None
+        return self.backend.run_all(self.prepare(pixels[None])).gradcam_raw[0, :, :, class_index]
+
     def predict(self, pixels: np.ndarray, batch_size: int = 32) -> list[Result]:
         """Classify uint8 images (NxHxWx3, already at the model's input size).
 
@@ -312,8 +368,8 @@ class Classifier:
         results: list[Result | str] = []
         for start in range(0, len(pixels), batch_size):
             with np.errstate(over="ignore", invalid="ignore"):  # infinities are caught just below
-                raw, features = self.backend.run(self.prepare(pixels[start : start + batch_size]))
-                probs = apply_temperature(raw, self.spec.temperature)
+                out = self.backend.run_all(self.prepare(pixels[start : start + batch_size]))
+                probs, features = apply_temperature(out.probabilities, self.spec.temperature), out.features
             use_ood = self.ood is not None and features is not None
             finite = np.isfinite(probs).all(axis=1)
             if use_ood:  # the detectors see only finite features, and their score must be finite too
@@ -334,6 +390,7 @@ class Classifier:
                         confidence=float(p[index]),
                         ood_score=float(scores[i]) if use_ood else None,
                         is_outlier=bool(outliers[i]) if use_ood else False,
+                        gradcam_raw=None if out.gradcam_raw is None else out.gradcam_raw[i, :, :, index],
                     )
                 )
         return results

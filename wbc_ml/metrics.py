@@ -7,6 +7,7 @@ from typing import TypedDict
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.stats import norm
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -144,3 +145,14 @@ def format_report(report: MetricsReport, class_names: list[str]) -> str:
     for name, row in zip(class_names, report["confusion_matrix"], strict=True):
         lines.append(f"{name:<12}" + "".join(f"{v:>7}" for v in row))
     return "\n".join(lines)
+
+
+def wilson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -4,16 +4,18 @@ The features are those of :func:`wbc_ml.inference.serving_model`: the classifier
 features (first half) and a max pooling of the same feature map (second half). Two detectors use them:
 
 * a supervised one: a small neural network (one hidden layer, an ensemble of a few seeds) separating WBC
-  training images from *half* of ``pbc-non-wbc/`` (platelets, erythroblasts, immature granulocytes;
-  split per kind by a hash rule, each image in its 8 flips and quarter turns), so the platform learns
-  what the common look-alikes look like; its score is P(not one of the five);
+  training images from the *fitting third* of ``pbc-non-wbc/`` (platelets, erythroblasts, immature
+  granulocytes; each image in its 8 flips and quarter turns), so the platform learns what the common
+  look-alikes look like; its score is P(not one of the five);
 * an unsupervised one: Mahalanobis distance (Lee et al. 2018) of the average-pooled features to the
   nearest class mean with one shared, shrunk covariance, for cells unlike anything seen in training.
 
 Thresholds are set on the *validation* WBC images only: the distance flags a fixed small share of them,
 and the network's threshold is the lowest that keeps the validation images flagged for review in all
-(low confidence at the default threshold, or either detector) within a budget. The other half of
-``pbc-non-wbc/`` and the WBC test split only measure the result.
+(low confidence at the default threshold, or either detector) within a budget. ``pbc-non-wbc/`` is cut into
+three parts by a hash of each file name (so a file keeps its part when files are added): the *fit* third trains
+the network, the *choose* third picks its size and regularisation, and the *report* third, with the WBC test
+split, only measures the result.
 """
 
 from __future__ import annotations
@@ -22,21 +24,24 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .review_flag import DEFAULT_THRESHOLD
 
-NON_WBC_SPLIT_SEED = "wbc-ood-v1"
+NON_WBC_SPLIT_SEED = "wbc-ood-v2"
 NON_WBC_SPLIT_RULE = (
-    "Per kind (erythroblast, ig, platelet), files sorted by sha256('wbc-ood-v1:' + file name): the first half fits "
-    "the detector, the second half only measures it."
+    "Each file of pbc-non-wbc/ goes to part int(sha256('wbc-ood-v2:' + file name), 16) mod 3: 0 fits the detector "
+    "network, 1 chooses its size and regularisation, 2 only reports (a file keeps its part when files are added)."
 )
+NON_WBC_PARTS = ("fit", "choose", "report")
 VAL_FLAGGED_BUDGET = 0.025  # share of validation WBC images flagged for review in all (confidence or detectors)
 VAL_FLAGGED_BY_DETECTOR_MIN = 0.01  # the network may always flag this share, even when confidence alone is over
 VAL_FLAGGED_BY_DISTANCE = 0.002
 ENSEMBLE_SEEDS = 5
-HIDDEN_UNITS = 128
+HIDDEN_UNITS = 128  # the default; the network's own size is read from its weights
+ALPHA = 1e-2  # L2 penalty of the detector network
 
 
 @dataclass
@@ -127,9 +132,10 @@ class OodDetector:
         if not self.has_network:
             return text + "."
         return text + (
-            f", OR a non-WBC detector network (an ensemble of {ENSEMBLE_SEEDS} one-hidden-layer networks of "
-            f"{HIDDEN_UNITS} units on the average- and max-pooled features, trained on the WBC train split versus the "
-            "fitting half of pbc-non-wbc/ in its 8 flips and quarter turns) says 'not a WBC' with probability at "
+            f", OR a non-WBC detector network (an ensemble of {len(self.output_bias)} one-hidden-layer networks of "
+            f"{self.hidden_weights.shape[2]} units on the average- and max-pooled features, trained on the WBC train "
+            "split versus the fitting third of pbc-non-wbc/ in its 8 flips and quarter turns) says 'not a WBC' with "
+            "probability at "
             f"least {self.probability_threshold:.3f}: the lowest threshold that keeps at most "
             f"{VAL_FLAGGED_BUDGET:.1%} of validation WBC images flagged in all at confidence "
             f"{DEFAULT_THRESHOLD} (the network alone may always flag {VAL_FLAGGED_BY_DETECTOR_MIN:.0%}). "
@@ -142,18 +148,24 @@ def average_pooled(features: np.ndarray) -> np.ndarray:
     return features[:, : features.shape[1] // 2]
 
 
-def split_non_wbc(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(fit half, measure half), per kind folder, by the hash rule."""
-    fit, measure = [], []
-    for kind in sorted({p.parent for p in paths}):
-        members = sorted(
-            (p for p in paths if p.parent == kind),
-            key=lambda p: hashlib.sha256(f"{NON_WBC_SPLIT_SEED}:{p.name}".encode()).hexdigest(),
-        )
-        half = len(members) // 2
-        fit += members[:half]
-        measure += members[half:]
-    return fit, measure
+class NonWbcParts(NamedTuple):
+    fit: list[Path]
+    choose: list[Path]
+    report: list[Path]
+
+
+def non_wbc_part(path: Path) -> str:
+    """The part of ``pbc-non-wbc/`` a file belongs to, by the hash rule (independent of the other files)."""
+    digest = hashlib.sha256(f"{NON_WBC_SPLIT_SEED}:{path.name}".encode()).hexdigest()
+    return NON_WBC_PARTS[int(digest, 16) % len(NON_WBC_PARTS)]
+
+
+def split_non_wbc(paths: list[Path]) -> NonWbcParts:
+    """(fit, choose, report) thirds of the non-WBC files, each in the order given."""
+    parts: dict[str, list[Path]] = {name: [] for name in NON_WBC_PARTS}
+    for path in paths:
+        parts[non_wbc_part(path)].append(path)
+    return NonWbcParts(**parts)
 
 
 def network_threshold(val_scores: np.ndarray, already_flagged: np.ndarray) -> float:
@@ -173,6 +185,9 @@ def fit_ood(
     val_features: np.ndarray,
     val_confidence: np.ndarray,
     non_wbc_features: np.ndarray | None = None,
+    hidden_units: int = HIDDEN_UNITS,
+    alpha: float = ALPHA,
+    seeds: int = ENSEMBLE_SEEDS,
 ) -> OodDetector:
     """Fit both detectors; ``val_confidence`` is the calibrated top probability of each validation image."""
     from sklearn.covariance import LedoitWolf
@@ -194,8 +209,7 @@ def fit_ood(
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
     members = [
-        MLPClassifier((HIDDEN_UNITS,), alpha=1e-2, max_iter=300, random_state=seed).fit(z, y)
-        for seed in range(ENSEMBLE_SEEDS)
+        MLPClassifier((hidden_units,), alpha=alpha, max_iter=300, random_state=seed).fit(z, y) for seed in range(seeds)
     ]
     detector.feature_mean, detector.feature_std = mean, std
     detector.hidden_weights = np.stack([m.coefs_[0] for m in members])

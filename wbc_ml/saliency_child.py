@@ -1,16 +1,19 @@
-"""Saliency maps of an uploaded model, made in a sandboxed child process: ``python -m wbc_ml.saliency_child``.
+"""Saliency maps that need TensorFlow, made in a sandboxed child process: ``python -m wbc_ml.saliency_child``.
 
-A lab's uploaded model file is never loaded with Keras in the web process (see ``ModelSpec.allow_keras_fallback``
-in :mod:`wbc_ml.inference`), but Grad-CAM and input gradients need the Keras model. So the web process calls
-:func:`saliency_png_in_sandbox`, which starts this module in the sandbox of :mod:`wbc_ml.sandbox` (scrubbed
+The web process has no TensorFlow: its Grad-CAM maps come from the models' ONNX copies (:mod:`wbc_ml.cam_export`).
+The input-gradient map needs a backward pass through the whole network, and Grad-CAM of a model whose ONNX copy has
+no map output (a head the export cannot differentiate, a copy exported before maps existed) needs TensorFlow's
+gradient. A lab's uploaded model file is never loaded with Keras in the web process either (see
+``ModelSpec.allow_keras_fallback`` in :mod:`wbc_ml.inference`). So the web process calls
+:func:`saliency_in_sandbox`, which starts this module in the sandbox of :mod:`wbc_ml.sandbox` (scrubbed
 environment, empty temporary home, no network where the host allows it, memory/CPU/file limits, a wall-clock
-time-out that kills its process group).
+time-out that kills its process group), for bundled and uploaded models alike.
 
 The child reads one JSON request on stdin (model file path and its registered sha256, input size, normalisation,
 class names, the cell image as base64, class index, method), copies the model file into its own temporary folder,
 loads that copy with :mod:`wbc_ml.inference` (which refuses it unless its sha256 is the registered one, so the bytes
 Keras loads are the bytes checked), computes the map with :mod:`wbc_ml.saliency` and writes one JSON line on its
-original stdout: ``{"png_base64": ...}``, ``{"refused": reason}`` or ``{"error": reason}``.
+original stdout: ``{"overlay_base64": ...}``, ``{"refused": reason}`` or ``{"error": reason}``.
 
 Only the standard library and :mod:`wbc_ml.sandbox` are imported at module level: the web process imports this
 module without TensorFlow, NumPy or Keras.
@@ -37,7 +40,7 @@ MEMORY_LIMIT_MB = 4096
 MAX_ERROR_CHARS = 400
 
 
-def saliency_png_in_sandbox(
+def saliency_in_sandbox(
     spec: ModelSpec,
     image: bytes,
     *,
@@ -47,7 +50,7 @@ def saliency_png_in_sandbox(
     timeout_s: float = TIMEOUT_S,
     memory_limit_mb: int = MEMORY_LIMIT_MB,
 ) -> bytes:
-    """The overlay PNG of ``method`` for ``image`` (the stored cell image's bytes), made by the child.
+    """The overlay (WebP bytes) of ``method`` for ``image`` (the stored cell image's bytes), made by the child.
 
     Raises :class:`wbc_ml.inference.ModelUnavailable` with a plain reason when the child refuses the model file
     (missing, or its sha256 is not the registered one), fails, runs out of time or crashes.
@@ -79,8 +82,8 @@ def saliency_png_in_sandbox(
                 f"The saliency map could not be made: its sandboxed process ended ({exc.how}); the model may need "
                 f"more than the {memory_limit_mb} MB of memory allowed."
             ) from None
-    if "png_base64" in report:
-        return base64.b64decode(report["png_base64"])
+    if "overlay_base64" in report:
+        return base64.b64decode(report["overlay_base64"])
     if "refused" in report:
         raise ModelUnavailable(str(report["refused"]))
     raise ModelUnavailable(f"The saliency map could not be made: {report.get('error', 'no reason given')}")
@@ -97,7 +100,7 @@ def main() -> None:
         request = json.loads(sys.stdin.read())
         memory_limit_mb = int(request["memory_limit_mb"])
         apply_limits(request)
-        report = {"png_base64": base64.b64encode(render(request)).decode("ascii")}
+        report = {"overlay_base64": base64.b64encode(render(request)).decode("ascii")}
     except MemoryError:
         report = {"error": f"the model needed more than the {memory_limit_mb} MB of memory allowed"}
     except Exception as exc:
@@ -112,7 +115,7 @@ def main() -> None:
 
 
 def render(request: dict) -> bytes:
-    """The overlay PNG for ``request`` (see the module docstring), computed in this process."""
+    """The overlay for ``request`` (see the module docstring), computed in this process."""
     from wbc_ml import saliency
     from wbc_ml.inference import ModelSpec, ModelUnavailable, get_classifier
     from wbc_ml.preprocessing import decode_image, resize
@@ -136,7 +139,7 @@ def render(request: dict) -> bytes:
     heatmap = saliency.saliency_map(
         classifier, resize(image, spec.input_size), int(request["class_index"]), str(request["method"])
     )
-    return saliency.overlay_png(image, heatmap)
+    return saliency.overlay(image, heatmap)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ class PNGRenderer(BaseRenderer):
         return data
 
 
+class WebPRenderer(PNGRenderer):
+    """Saliency overlays are WebP (older stored ones PNG): a client that accepts only image/webp is served too."""
+
+    media_type = "image/webp"
+    format = "webp"
+
+
 class LabApiMixin:
     """Permissions and throttles shared by the viewsets: classify/submit actions need more than reading."""
 

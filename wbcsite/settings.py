@@ -6,6 +6,7 @@ sets ``WBC_ENV=production`` plus ``DATABASE_URL``, ``ALLOWED_HOSTS`` and optiona
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -51,6 +52,14 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_networks(name: str, default: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """A comma-separated list of addresses or networks (``10.0.0.0/8``); a bad entry stops the start-up."""
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in env_list(name, default)]
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from exc
 
 
 def _secret_key(production: bool) -> str:
@@ -257,7 +266,8 @@ TASKS = {"default": {"BACKEND": env_str("TASKS_BACKEND", "django_tasks_db.Databa
 
 # HTTPS: the run command serves TLS itself; behind a proxy set SECURE_PROXY_SSL_HEADER via env.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]  # probes may talk plain HTTP to gunicorn behind a proxy
+# Probes and the Prometheus scraper may talk plain HTTP to gunicorn behind a TLS proxy (docs/deploy.md).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", PRODUCTION)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", PRODUCTION)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0)
@@ -284,6 +294,10 @@ SECURE_CSP = {
     "frame-ancestors": [CSP.NONE],
 }
 WBC_REDOC_CSP = {**SECURE_CSP, "style-src": [CSP.SELF, CSP.UNSAFE_INLINE], "worker-src": [CSP.SELF, "blob:"]}
+# /metrics (wbcsite.metrics) answers a request with "Authorization: Bearer <WBC_METRICS_TOKEN>" (when set) or one
+# straight from these addresses or networks (no proxy headers); anyone else gets a 404.
+WBC_METRICS_TOKEN = env_str("WBC_METRICS_TOKEN")
+WBC_METRICS_ALLOWED_NETWORKS = env_networks("WBC_METRICS_ALLOWED_ADDRESSES", ["127.0.0.1", "::1"])
 if env_bool("USE_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 if PRODUCTION and DEBUG:

@@ -5,13 +5,14 @@ from django.urls import include, path
 from django.utils.functional import lazy
 from django.views.generic import RedirectView
 
-from wbcsite import health
+from wbcsite import health, metrics
 
 urlpatterns = [
     # Browsers ask for /favicon.ico on pages without an icon link (the admin, the API's JSON): send them the file.
     path("favicon.ico", login_not_required(RedirectView.as_view(url=lazy(static, str)("favicon.ico"), permanent=True))),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("wbcsite.api_urls")),
     path("accounts/", include("django.contrib.auth.urls")),

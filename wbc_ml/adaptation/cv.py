@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import norm
 from sklearn.model_selection import StratifiedKFold
+
+from ..metrics import wilson
 
 BOOTSTRAP_ROUNDS = 1000
 MAX_FOLDS = 4
@@ -21,17 +22,6 @@ def folds(labels: np.ndarray, seed: int, n_splits: int = MAX_FOLDS) -> list[tupl
         warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only N members"
         splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         return list(splitter.split(np.zeros(len(labels)), labels))
-
-
-def wilson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    z = float(norm.ppf(0.5 + level / 2))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:

@@ -252,9 +252,9 @@ def choose(candidates: dict[str, Candidate]) -> Candidate:
 
 def non_wbc_sample(data_dir: Path, per_kind: int) -> list[Path]:
     """Up to ``per_kind`` images of each kind from the fitting part of ``pbc-non-wbc/`` beside ``data_dir``."""
-    from ..training.detectors import non_wbc_halves
+    from ..training.detectors import non_wbc_parts
 
-    fit, _ = non_wbc_halves(data_dir)
+    fit = non_wbc_parts(data_dir).fit
     kinds: dict[Path, list[Path]] = {}
     for path in fit:
         kinds.setdefault(path.parent, []).append(path)

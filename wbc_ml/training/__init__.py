@@ -25,7 +25,7 @@ from .augmentation import augment_batch
 from .cnn import OUTLIER_REPEATS, OUTLIER_WEIGHT, recalibrate_batchnorm, with_outlier_exposure
 from .common import Log, class_weights, features_and_probs, predict_in_batches
 from .config import ARCHITECTURES, TrainConfig
-from .detectors import evaluate_ood, features_of_paths, non_wbc_halves, ood_card
+from .detectors import evaluate_ood, features_of_paths, fit_detectors, non_wbc_parts, ood_card
 from .pipeline import train
 
 __all__ = [
@@ -39,7 +39,8 @@ __all__ = [
     "evaluate_ood",
     "features_and_probs",
     "features_of_paths",
-    "non_wbc_halves",
+    "fit_detectors",
+    "non_wbc_parts",
     "ood_card",
     "predict_in_batches",
     "recalibrate_batchnorm",

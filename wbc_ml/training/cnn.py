@@ -11,9 +11,9 @@ from .architectures import build_enhanced_cnn_v2
 from .augmentation import AugmentedBatches
 from .common import EpochLog, TrainResult, features_and_probs
 from .config import Log, TrainConfig
-from .detectors import non_wbc_halves
+from .detectors import non_wbc_parts
 
-OUTLIER_REPEATS = 4  # outlier exposure: passes over the non-WBC fitting half per epoch
+OUTLIER_REPEATS = 4  # outlier exposure: passes over the non-WBC fit third per epoch
 OUTLIER_WEIGHT = 0.5  # their share of the loss relative to the WBC images (lambda in Hendrycks et al.)
 
 
@@ -59,8 +59,8 @@ def with_outlier_exposure(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training arrays (images, targets, sample weights), with outlier exposure when non-WBC cells are at hand.
 
-    Outlier exposure (Hendrycks et al., ICLR 2019): the fitting half of ``pbc-non-wbc/`` (never the measuring
-    half) joins training with a *uniform* target over the five classes, so the network learns to be unsure
+    Outlier exposure (Hendrycks et al., ICLR 2019): the fit third of ``pbc-non-wbc/`` (never the choose or
+    report third) joins training with a *uniform* target over the five classes, so the network learns to be unsure
     about platelets, erythroblasts and immature granulocytes instead of calling them a confident neutrophil.
     The outliers are repeated ``OUTLIER_REPEATS`` times (each time freshly augmented) and weighted so that
     their loss counts ``OUTLIER_WEIGHT`` times the WBC loss, the paper's lambda.
@@ -68,14 +68,14 @@ def with_outlier_exposure(
     n_classes = len(weights)
     targets = np.eye(n_classes, dtype=np.float32)[y_train]
     sample_weights = weights[y_train].astype(np.float32)
-    fit_half, _ = non_wbc_halves(config.data_dir)
+    fit_half = non_wbc_parts(config.data_dir).fit
     if not fit_half:
         return x_train, targets, sample_weights
     x_out, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in fit_half], config.input_size)
     x_out = np.concatenate([x_out] * OUTLIER_REPEATS)
     w_out = np.full(len(x_out), OUTLIER_WEIGHT * sample_weights.sum() / len(x_out), np.float32)
     config.extra["outlier_exposure"] = (
-        f"{len(fit_half)} images (the fitting half of pbc-non-wbc/) x{OUTLIER_REPEATS}, augmented, with a uniform "
+        f"{len(fit_half)} images (the fit third of pbc-non-wbc/) x{OUTLIER_REPEATS}, augmented, with a uniform "
         f"target over the five classes; their loss weighs {OUTLIER_WEIGHT} x the WBC loss"
     )
     log(f"outlier exposure: {len(fit_half)} non-WBC images x{OUTLIER_REPEATS} with a uniform target")

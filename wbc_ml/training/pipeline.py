@@ -12,12 +12,11 @@ import numpy as np
 from .. import datasets
 from ..checksums import file_sha256
 from ..metrics import apply_temperature, classification_report, fit_temperature
-from ..ood import fit_ood
 from .cards import display_name, hardware, versions
 from .cnn import train_cnn
 from .common import class_weights, features_and_probs
 from .config import Log, TrainConfig
-from .detectors import evaluate_ood, features_of_paths, non_wbc_halves, ood_card
+from .detectors import evaluate_ood, fit_detectors, non_wbc_parts, ood_card
 from .mobilenet import train_mobilenet
 
 
@@ -51,12 +50,20 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     model.save(model_path)  # the saved model is uncompiled: no optimizer state travels with it
     served = keras.models.load_model(model_path, compile=False)  # from here on, exactly what is served
 
-    # Calibration and the out-of-distribution detectors are fitted on train/validation (and half of non-WBC).
+    # Calibration and the out-of-distribution detectors are fitted on train/validation and the fit and choose thirds
+    # of non-WBC; the report third is read only after.
     temperature = fit_temperature(result.val_probs, y_val)
-    non_wbc_fit, non_wbc_measure = non_wbc_halves(config.data_dir)
-    non_wbc_features = features_of_paths(served, normalization, non_wbc_fit, size, dihedral=True)
-    val_confidence = apply_temperature(result.val_probs, temperature).max(axis=1)
-    ood = fit_ood(result.train_features, y_train, result.val_features, val_confidence, non_wbc_features)
+    non_wbc = non_wbc_parts(config.data_dir)
+    val_calibrated = apply_temperature(result.val_probs, temperature)
+    ood, choice = fit_detectors(
+        served,
+        normalization,
+        temperature,
+        size,
+        non_wbc,
+        (result.train_features, y_train),
+        (result.val_features, val_calibrated),
+    )
     ood.save(ood_path)
     val_probs = result.val_probs
     del x_train
@@ -69,10 +76,10 @@ def train(config: TrainConfig, log: Log = print) -> dict:
     report = classification_report(y_test, test_probs, class_names)
     uncalibrated = classification_report(y_test, test_raw, class_names)
     val_report = classification_report(y_val, apply_temperature(val_probs, temperature), class_names)
-    ood_eval = evaluate_ood(served, normalization, temperature, ood, test_features, test_probs, non_wbc_measure, size)
+    ood_eval = evaluate_ood(served, normalization, temperature, ood, test_features, test_probs, non_wbc.report, size)
     if ood_eval:
         log(
-            f"OOD: non-WBC (held-out half) flagged {ood_eval['non_wbc_flagged_share']:.1%}, "
+            f"OOD: non-WBC (report third) flagged {ood_eval['non_wbc_flagged_share']:.1%}, "
             f"WBC test flagged {ood_eval['wbc_flagged_share']:.1%}"
         )
 
@@ -93,7 +100,7 @@ def train(config: TrainConfig, log: Log = print) -> dict:
             "ece_before": uncalibrated["ece"],
             "ece_after": report["ece"],
         },
-        "ood": ood_card(ood, ood_path, ood_eval, outlier_exposure="outlier_exposure" in config.extra),
+        "ood": ood_card(ood, ood_path, ood_eval, config.extra.get("outlier_exposure", ""), choice),
         "data": {
             "source": "PBC dataset: Acevedo A., Merino A., et al. (2020) 'A dataset of microscopic peripheral blood "
             "cell images for development of automatic recognition systems', Data in Brief 30:105474, "

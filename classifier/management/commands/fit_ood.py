@@ -5,7 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
-    help = "Fit a trained model's 'not one of the five WBC classes' detectors again and update its card."
+    help = (
+        "Fit a trained model's 'not one of the five WBC classes' detectors again and update its card, under a new "
+        "version (register_models then offers the new version and retires the old one)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("model", type=Path, help="path of the .keras file (its .json card must be beside it)")
