@@ -1,8 +1,9 @@
-"""A batch's chunks: made at submission, queued as tasks, held by one worker at a time; and the queue's depth.
+"""A batch's chunks: made at submission, queued as tasks, held by one worker at a time.
 
 A batch of N pending images becomes ``ceil(N / WBC_CHUNK_SIZE)`` chunks of nearly equal size (100 images with
 a chunk size of 96 are two chunks of 50, not 96 and 4), each a range of item positions and one
-``reports.tasks.process_chunk`` task, so every idle worker, on any host, can take one.
+``reports.tasks.process_chunk`` task, so every idle worker, on any host, can take one. The queue's depth (chunks
+queued and running) is counted for monitoring in :func:`reports.metrics.queue_depth`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from .models import Batch, BatchChunk, BatchItem
@@ -77,25 +78,3 @@ class ChunkLease:
     def renew(self) -> bool:
         """Push the lease's expiry on; False when another worker has taken the chunk (stop at once)."""
         return BatchChunk.objects.filter(pk=self.chunk_id, lease=self.lease).update(heartbeat_at=timezone.now()) == 1
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    """Work not done yet, for monitoring: chunks waiting for a worker, chunks being classified, and the images
-    still to classify in unfinished batches."""
-
-    queued_chunks: int
-    running_chunks: int
-    pending_items: int
-
-
-def queue_depth() -> QueueDepth:
-    """The queue's depth (two small aggregate queries over all laboratories; for a metrics endpoint)."""
-    chunks = BatchChunk.objects.aggregate(
-        queued=Count("pk", filter=Q(status=BatchChunk.Status.QUEUED)),
-        running=Count("pk", filter=Q(status=BatchChunk.Status.RUNNING)),
-    )
-    pending = BatchItem.objects.filter(
-        status=BatchItem.Status.PENDING, batch__status__in=[Batch.Status.QUEUED, Batch.Status.RUNNING]
-    ).count()
-    return QueueDepth(chunks["queued"], chunks["running"], pending)

@@ -13,7 +13,7 @@ from django_tasks_db.models import DBTaskResult
 
 from classifier.models import Prediction
 from reports import worker as batches
-from reports.chunks import QueueDepth, queue_depth
+from reports.metrics import queue_depth
 from reports.models import Batch, BatchChunk, BatchItem
 from reports.signals import batch_finished
 from reports.submission import submit_batch
@@ -149,9 +149,12 @@ def test_a_large_batch_is_split_into_chunks_that_each_finish_and_the_last_one_fi
 def test_the_queue_depth_counts_waiting_chunks_and_images(technologist, tiny_record, settings):
     settings.WBC_CHUNK_SIZE = 3
     batch = submit_batch(technologist, _entries(5), tiny_record, name="Waiting")
-    assert queue_depth() == QueueDepth(queued_chunks=2, running_chunks=0, pending_items=5)
+    depth = queue_depth()
+    assert (depth.chunks, depth.pending_images) == ({"queued": 2, "running": 0}, 5)
     batches.process_chunk_now(batch.chunks.order_by("index").first().pk)  # positions 0 and 1
-    assert queue_depth() == QueueDepth(queued_chunks=1, running_chunks=0, pending_items=3)
+    depth = queue_depth()
+    assert (depth.chunks, depth.pending_images) == ({"queued": 1, "running": 0}, 3)
+    assert depth.batches == {"queued": 0, "running": 1}
 
 
 def test_a_stopping_worker_gives_its_chunk_back_after_the_images_in_hand(technologist, tiny_record, monkeypatch):
