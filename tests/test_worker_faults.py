@@ -16,9 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,11 @@ import pytest
 from reports.models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
 from reports.submission import submit_batch, url_entries
 from reports.uploads import NamedBytes
-from tests.conftest import TINY_SIZE, image_bytes, start_worker, test_database_url, unavailable
+from tests.conftest import TINY_SIZE, HeldImageHandler, image_bytes, start_worker, test_database_url, unavailable
 from wbc_ml.checksums import file_sha256
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
 
-PNG = image_bytes(size=(80, 80))
 FAST = {
     "WBC_LEASE_SECONDS": "3",
     "WBC_WORKER_RECOVERY_SECONDS": "1",
@@ -42,30 +39,6 @@ FAST = {
     "WBC_BATCH_URL_BUDGET_SECONDS": "90",
     "WBC_ONNX_THREADS": "1",
 }
-
-
-class HeldHandler(BaseHTTPRequestHandler):
-    """The first request is held until ``release`` (a worker waits on it inside its chunk); later ones answer."""
-
-    arrived = threading.Event()
-    release = threading.Event()
-    lock = threading.Lock()
-    taken = False
-
-    def do_GET(self):
-        with self.lock:
-            first, HeldHandler.taken = not HeldHandler.taken, True
-        if first:
-            self.arrived.set()
-            self.release.wait(90)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(PNG)))
-        self.end_headers()
-        self.wfile.write(PNG)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +66,8 @@ def _workers(settings, models_dir, count: int, **env: str) -> list[subprocess.Po
 
 
 @pytest.fixture
-def held_url(settings):
-    settings.WBC_URL_ALLOWED_PRIVATE_HOSTS = {"localhost"}
-    HeldHandler.arrived.clear()
-    HeldHandler.release.clear()
-    HeldHandler.taken = False
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeldHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://localhost:{httpd.server_address[1]}/held.png"
-    HeldHandler.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+def held_url(held_server) -> str:
+    return f"{held_server}/held.png"
 
 
 def _batch(user, record, settings, url: str, *, files: int, url_position: int) -> Batch:
@@ -134,8 +97,14 @@ def _holder(batch: Batch, url_position: int) -> BatchChunk:
     return batch.chunks.get(first_position__lte=url_position, end_position__gt=url_position)
 
 
-def _pid_of(worker_id: str) -> int:
-    return WorkerHeartbeat.objects.get(worker_id=worker_id).pid
+def _pinned(batch: Batch, url_position: int, workers: list) -> tuple[BatchChunk, subprocess.Popen, subprocess.Popen]:
+    """Once a worker waits on the held URL: (its chunk, that worker, the other one)."""
+    assert HeldImageHandler.arrived.wait(180), "no worker reached the URL"
+    _wait_for(lambda: _holder(batch, url_position).worker_id != "", 30, "the holder's id")
+    holder = _holder(batch, url_position)
+    pid = WorkerHeartbeat.objects.get(worker_id=holder.worker_id).pid
+    pinned = next(worker for worker in workers if worker.pid == pid)
+    return holder, pinned, next(worker for worker in workers if worker is not pinned)
 
 
 def _assert_every_image_classified_once(batch: Batch, total: int) -> None:
@@ -154,9 +123,7 @@ def test_two_workers_share_a_batch_and_one_stopped_with_sigterm_gives_its_chunk_
     batch = _batch(technologist, onnx_record, settings, held_url, files=199, url_position=5)
     first, second = _workers(settings, models_dir, 2)
     try:
-        assert HeldHandler.arrived.wait(180), "no worker reached the URL"
-        _wait_for(lambda: _holder(batch, 5).worker_id != "", 30, "the holder's id")
-        holder = _holder(batch, 5)
+        holder, stopped, other = _pinned(batch, 5, [first, second])
         # While one worker waits inside chunk 0, the other classifies the rest of the batch: they share it.
         _wait_for(
             lambda: batch.chunks.filter(status="done").exclude(worker_id=holder.worker_id).count() >= 2,
@@ -164,18 +131,16 @@ def test_two_workers_share_a_batch_and_one_stopped_with_sigterm_gives_its_chunk_
             "the other worker to finish chunks",
         )
         assert holder.status == BatchChunk.Status.RUNNING and holder.attempts == 1
-        stopped = first if first.pid == _pid_of(holder.worker_id) else second
-        other = second if stopped is first else first
         stopped.send_signal(signal.SIGTERM)
         # It gives its chunk back at its next look (the download is left to end by itself), then exits cleanly.
         _wait_for(lambda: _holder(batch, 5).lease != holder.lease, 30, "the chunk to be released")
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         assert stopped.wait(timeout=60) == 0
         assert not BatchChunk.objects.filter(worker_id=holder.worker_id, status=BatchChunk.Status.RUNNING).exists()
         _wait_for(lambda: Batch.objects.get(pk=batch.pk).is_finished, 120, "the batch to finish")
         assert other.poll() is None  # still running, ready for more
     finally:
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         _stop(first, second)
     _assert_every_image_classified_once(batch, 200)
     chunk = _holder(batch, 5)
@@ -189,21 +154,17 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     batch = _batch(technologist, onnx_record, settings, held_url, files=299, url_position=30)
     first, second = _workers(settings, models_dir, 2)
     try:
-        assert HeldHandler.arrived.wait(180), "no worker reached the URL"
-        _wait_for(lambda: _holder(batch, 30).worker_id != "", 30, "the holder's id")
-        holder = _holder(batch, 30)
-        killed = first if first.pid == _pid_of(holder.worker_id) else second
-        survivor = second if killed is first else first
+        holder, killed, survivor = _pinned(batch, 30, [first, second])
         # the killed worker has stored the chunk's files before the URL: its results are kept, never redone
         assert batch.items.filter(position__in=range(20, 30), status=BatchItem.Status.DONE).count() == 10
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait(timeout=20)
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         # The dead lease expires (3 s); the survivor's recovery hands the chunk to it, which does only the rest.
         _wait_for(lambda: Batch.objects.get(pk=batch.pk).is_finished, 180, "the batch to finish")
         assert survivor.poll() is None
     finally:
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         _stop(first, second)
     _assert_every_image_classified_once(batch, 300)
     chunk = _holder(batch, 30)
@@ -301,10 +262,10 @@ def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
         batch = _batch(technologist, onnx_record, settings, held_url, files=99, url_position=45)
         url = _copy_database(test_database_url(), cluster)
         (worker,) = _workers(settings, models_dir, 1, DATABASE_URL=url)
-        assert HeldHandler.arrived.wait(180), "the worker never reached the URL"
+        assert HeldImageHandler.arrived.wait(180), "the worker never reached the URL"
         assert _batch_state(url, batch.pk)[0] == "running"
         cluster.stop()  # mid-batch, mid-chunk: every connection of the worker breaks
-        HeldHandler.release.set()  # the worker now needs the database to store the download
+        HeldImageHandler.release.set()  # the worker now needs the database to store the download
         time.sleep(3)  # it meets the outage and waits it out
         assert worker.poll() is None, worker.stdout.read()
         cluster.start()
@@ -312,6 +273,6 @@ def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
         assert worker.poll() is None  # it carried on, no restart needed
         assert _batch_state(url, batch.pk) == ("done", 100, 100)  # every image once, nothing doubled
     finally:
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         _stop(worker)
         cluster.remove()
