@@ -12,9 +12,9 @@ Whoever finishes the last chunk marks the batch done, once (a conditional UPDATE
 Every claim counts an attempt on the chunk (the batch shows the most any chunk needed): a task that raises puts
 the chunk back in the queue with the error, and after ``WBC_BATCH_MAX_ATTEMPTS`` attempts (a task that keeps
 failing, or a worker that keeps dying on the chunk) the batch is failed with the last error instead of being
-retried forever. A chunk given back on purpose is not a failed attempt: a worker asked to stop (SIGTERM) stores
-the sub-batch in hand and *releases* its chunk (back in the queue, lease cleared, a new task), and so does a
-worker that lost the database mid-chunk, once the database answers again.
+retried forever. A worker asked to stop (SIGTERM) stores the sub-batch in hand and *releases* its chunk (back in
+the queue, lease cleared, a new task; not a failed attempt); a worker that lost the database mid-chunk releases it
+too once the database answers again (that attempt counts, so a fault that keeps coming back cannot loop forever).
 
 Order of work in a chunk: its stored files first, then its URLs are downloaded (:mod:`reports.url_items`,
 within the time budget), then what was downloaded is classified.
@@ -132,21 +132,22 @@ def _after_error(lease: ChunkLease, exc: Exception) -> None:
         enqueue_chunks([chunk.pk])
 
 
-def _release(lease: ChunkLease) -> bool:
-    """Give the chunk back unfinished (not a failed attempt): queued again, lease cleared, a new task queued."""
+def _release(lease: ChunkLease, *, error: str = "") -> bool:
+    """Give the chunk back unfinished: queued again, lease cleared, a new task queued.
+
+    Without ``error`` (the worker is stopping) the take does not count as an attempt. With it (the database went
+    away mid-chunk) it does, so a fault that keeps coming back ends in a failed batch rather than an endless loop.
+    """
+    changes = {"attempts": Greatest(F("attempts") - 1, 0)} if not error else {"error": error[:5000]}
     released = BatchChunk.objects.filter(pk=lease.chunk_id, lease=lease.lease).update(
-        status=BatchChunk.Status.QUEUED,
-        lease=None,
-        heartbeat_at=None,
-        queued_at=timezone.now(),
-        attempts=Greatest(F("attempts") - 1, 0),
+        status=BatchChunk.Status.QUEUED, lease=None, heartbeat_at=None, queued_at=timezone.now(), **changes
     )
     if released:
         enqueue_chunks([lease.chunk_id])
     return bool(released)
 
 
-def _release_after_outage(lease: ChunkLease) -> bool:
+def _release_after_outage(lease: ChunkLease, exc: Exception) -> bool:
     """The database went away mid-chunk: wait (bounded) until it answers, then give the chunk back.
 
     When it stays away, the chunk keeps its lease; once that expires, recovery hands the chunk to a worker.
@@ -155,9 +156,9 @@ def _release_after_outage(lease: ChunkLease) -> bool:
     for _ in range(RELEASE_TRIES):
         connection.close()  # a broken connection is never reused; the next query opens a new one
         try:
-            return _release(lease)
-        except DATABASE_DOWN as exc:
-            logger.warning("chunk %s: database still unavailable (%s); retrying in %.1f s", lease.chunk_id, exc, pause)
+            return _release(lease, error=f"The database was unavailable: {exc}")
+        except DATABASE_DOWN as again:
+            logger.warning("chunk %s: database still unavailable (%s); again in %.1f s", lease.chunk_id, again, pause)
             time.sleep(pause)
             pause = min(pause * 2, 15.0)
     return False
@@ -174,7 +175,7 @@ def process_chunk_now(chunk_id: int, worker_id: str = "") -> str:
         return RELEASED if _release(lease) else LOST
     except DATABASE_DOWN as exc:
         logger.warning("chunk %s: the database went away (%s)", chunk_id, exc)
-        if _release_after_outage(lease):
+        if _release_after_outage(lease, exc):
             return f"{RELEASED} after a database outage: {exc}"
         raise
     except Exception as exc:

@@ -232,8 +232,9 @@ def _copy_database(source_url: str, target: ThrowawayPostgres) -> str:
     return target.url("wbc")
 
 
-def _batch_state(url: str, batch_id: int) -> tuple[str, int, int] | None:
-    """(status, items with a prediction, predictions) in the throw-away database; None while it is unreachable."""
+def _batch_state(url: str, batch_id: int) -> tuple[str, int, int, int] | None:
+    """(status, items with a prediction, predictions, the most attempts of a chunk) in the throw-away database; None
+    while it is unreachable."""
     import psycopg
 
     try:
@@ -243,9 +244,10 @@ def _batch_state(url: str, batch_id: int) -> tuple[str, int, int] | None:
                 "SELECT count(*) FROM reports_batchitem WHERE batch_id = %s AND prediction_id IS NOT NULL", [batch_id]
             ).fetchone()[0]
             predictions = conn.execute("SELECT count(*) FROM classifier_prediction").fetchone()[0]
+            attempts = conn.execute("SELECT max(attempts) FROM reports_batchchunk WHERE batch_id = %s", [batch_id])
     except psycopg.OperationalError:
         return None
-    return status, linked, predictions
+    return status, linked, predictions, attempts.fetchone()[0]
 
 
 def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
@@ -271,7 +273,8 @@ def test_the_worker_carries_on_after_postgresql_restarts_mid_batch(
         cluster.start()
         _wait_for(lambda: (_batch_state(url, batch.pk) or ("",))[0] == "done", 120, "the batch to finish")
         assert worker.poll() is None  # it carried on, no restart needed
-        assert _batch_state(url, batch.pk) == ("done", 100, 100)  # every image once, nothing doubled
+        # every image once, nothing doubled; the interrupted take of the chunk counts as an attempt
+        assert _batch_state(url, batch.pk) == ("done", 100, 100, 2)
     finally:
         HeldImageHandler.release.set()
         _stop(worker)
