@@ -214,8 +214,14 @@ class OnnxBackend:
         )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.run_all(batch)
-        return out.probabilities, out.features
+        """Probabilities and features only: the Grad-CAM outputs (a map per class) are not computed, so classifying
+        a batch costs what the classifier costs."""
+        wanted = [role for role in ("probabilities", "features") if role in self.roles]
+        names = [self.session.get_outputs()[self.roles.index(role)].name for role in wanted]
+        values = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        out = dict(zip(wanted, values, strict=True))
+        features = None if "features" not in out else np.asarray(out["features"], np.float64)
+        return np.asarray(out["probabilities"], np.float64), features
 
 
 def load_keras_model(path: Path):
