@@ -287,7 +287,7 @@ def main() -> None:
     baseline = rate["TensorFlow predict_on_batch"]
     print(f"\nONNX Runtime vs TensorFlow predict_on_batch: {rate['ONNX Runtime'] / baseline:.2f}x")
     print(
-        f"end-to-end / fastest raw path: {statistics.median(ratios):.2f} (goal >= 0.8; "
+        f"end-to-end / fastest raw path: {statistics.median(ratios):.2f} (goal >= 0.9; "
         f"per round {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     print(f"peak RSS: web (gunicorn, 1 worker) {web_rss:.0f} MB, background worker {worker_rss:.0f} MB")

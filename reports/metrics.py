@@ -2,8 +2,8 @@
 
 The queue and the heartbeats live in the database that every web and worker host shares, so any web process
 answers the same numbers; per-process counters could not see another host's worker. Each query is an aggregate on
-indexed columns (``BatchItem.status``, ``Batch.status``, ``WorkerHeartbeat.last_seen``); no row is read into Python
-except the few heartbeat rows of workers seen in the last hour.
+indexed columns (``BatchItem.status``, ``Batch.status``, ``BatchChunk.status``, ``WorkerHeartbeat.last_seen``); no
+row is read into Python except the few heartbeat rows of workers seen in the last hour.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from .models import Batch, BatchItem, WorkerHeartbeat
+from .models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
 
 WAITING = (Batch.Status.QUEUED, Batch.Status.RUNNING)
+CHUNKS_WAITING = (BatchChunk.Status.QUEUED, BatchChunk.Status.RUNNING)
 WORKER_WINDOW = timedelta(hours=1)  # a worker silent for longer (crashed, host gone) leaves the per-worker series
 
 
@@ -30,16 +31,25 @@ class QueueDepth:
 
     pending_images: int
     batches: dict[str, int] = field(default_factory=dict)
+    chunks: dict[str, int] = field(default_factory=dict)  # the units the workers share: queued, running
 
 
 def queue_depth() -> QueueDepth:
-    """Pending images of queued or running batches (a failed batch's leftovers are not waiting), and those batches.
+    """Pending images of queued or running batches (a failed batch's leftovers are not waiting), those batches, and
+    their chunks (what the workers take: queued ones wait for a worker).
 
-    Two aggregate queries; a later unit of work (e.g. batch chunks) adds its own count here.
+    Three aggregate queries.
     """
     pending = BatchItem.objects.filter(status=BatchItem.Status.PENDING, batch__status__in=WAITING).count()
     by_status = dict(Batch.objects.order_by().filter(status__in=WAITING).values_list("status").annotate(n=Count("pk")))
-    return QueueDepth(pending_images=pending, batches={status.value: by_status.get(status, 0) for status in WAITING})
+    chunks = dict(
+        BatchChunk.objects.order_by().filter(status__in=CHUNKS_WAITING).values_list("status").annotate(n=Count("pk"))
+    )
+    return QueueDepth(
+        pending_images=pending,
+        batches={status.value: by_status.get(status, 0) for status in WAITING},
+        chunks={status.value: chunks.get(status, 0) for status in CHUNKS_WAITING},
+    )
 
 
 def heartbeat_ages() -> tuple[dict[tuple[str, str], float], float]:
@@ -68,6 +78,12 @@ def collect() -> Iterator[Metric]:
     for status, count in depth.batches.items():
         batches.add_metric([status], count)
     yield batches
+    chunks = GaugeMetricFamily(
+        "wbc_queue_chunks", "Chunks of batches waiting for a worker (queued) or being classified.", labels=["status"]
+    )
+    for status, count in depth.chunks.items():
+        chunks.add_metric([status], count)
+    yield chunks
 
     ages, youngest = heartbeat_ages()
     per_worker = GaugeMetricFamily(

@@ -7,6 +7,7 @@ import uuid
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.utils import timezone
 
 from accounts.models import Laboratory, threshold_validators
 from classifier.models import ClassifierModel, Prediction
@@ -34,9 +35,9 @@ class Batch(models.Model):
     threshold = models.FloatField(default=DEFAULT_THRESHOLD, validators=threshold_validators())
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     error = models.TextField(blank=True)
-    lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the batch")
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0, help_text="times a worker has taken the batch")
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="the most times a worker has taken one of its chunks (1 when nothing went wrong)"
+    )
     idempotency_key = models.CharField(max_length=200, blank=True)
     wbc_count = models.FloatField(
         null=True,
@@ -65,6 +66,43 @@ class Batch(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in (self.Status.DONE, self.Status.FAILED)
+
+
+class BatchChunk(models.Model):
+    """A run of a batch's items (positions ``first_position`` up to, not including, ``end_position``) that one
+    worker task classifies. A large batch has several, so several workers (on several hosts) share it.
+
+    A worker takes a chunk with a conditional UPDATE (queued, or running with an expired lease) and renews
+    ``heartbeat_at`` while it works; ``attempts`` counts the takes, ``worker_id`` names the last taker (its
+    heartbeat row). Whoever finishes the last chunk finishes the batch (see :mod:`reports.worker`).
+    """
+
+    lab_path = "batch__laboratory"  # accounts.scoping
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    first_position = models.PositiveIntegerField()
+    end_position = models.PositiveIntegerField(help_text="one past the position of its last item")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    lease = models.UUIDField(null=True, blank=True, help_text="the worker run that holds the chunk")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    queued_at = models.DateTimeField(default=timezone.now, help_text="when it was (last) put in the queue")
+    attempts = models.PositiveIntegerField(default=0, help_text="times a worker has taken the chunk")
+    worker_id = models.CharField(max_length=64, blank=True, help_text="the worker that took it last")
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["batch", "index"]
+        constraints = [models.UniqueConstraint(fields=["batch", "index"], name="unique_chunk_per_batch")]
+
+    def __str__(self) -> str:
+        return f"{self.batch} chunk {self.index} ({self.status})"
 
 
 class BatchItem(models.Model):

@@ -20,9 +20,9 @@ from classifier.fetch import UrlRefused, check_url_form, url_file_name, url_with
 from classifier.models import ClassifierModel
 from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
 
-from .models import Batch, BatchItem
+from .chunks import enqueue_chunks, ensure_chunks, make_chunks
+from .models import Batch, BatchChunk, BatchItem
 from .uploads import Limits, NamedBytes, UploadRefused
-from .wakeup import WORKER, notify
 
 DECODE_WORKERS = 4
 
@@ -94,7 +94,7 @@ def submit_batch(
     idempotency_key: str = "",
     normalization: dict | None = None,
 ) -> Batch:
-    """Store a batch and its images (bad files as failed items with their reason) and enqueue it.
+    """Store a batch and its images (bad files as failed items with their reason) and enqueue its chunks.
 
     A URL entry becomes a pending item without an image, for the worker to download.
     """
@@ -136,10 +136,12 @@ def submit_batch(
                     item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
                 items.append(item)
             BatchItem.objects.bulk_create(items)
-            if not any(item.status == BatchItem.Status.PENDING for item in items):
+            pending = [item.position for item in items if item.status == BatchItem.Status.PENDING]
+            if not pending:
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:
+                make_chunks(batch, pending)
                 transaction.on_commit(lambda: enqueue(batch))
     except BaseException:
         for file_name in stored:  # nothing half-stored
@@ -149,7 +151,6 @@ def submit_batch(
 
 
 def enqueue(batch: Batch) -> None:
-    from .tasks import process_batch
-
-    process_batch.enqueue(batch.pk)
-    notify(WORKER)
+    """Queue one task for each queued chunk of ``batch`` (its chunks are made first if it has none, e.g. a re-run)."""
+    ensure_chunks(batch)
+    enqueue_chunks(list(batch.chunks.filter(status=BatchChunk.Status.QUEUED).values_list("pk", flat=True)))

@@ -1,19 +1,19 @@
-"""The worker's download of a batch's image URLs: in parallel, within one time budget per batch.
+"""The worker's download of a chunk's image URLs: in parallel, within one time budget.
 
 A URL submitted with a batch is stored as a pending item with ``source_url`` and no image, so the submit never
-waits for a remote server. The worker fetches those items here through the safe fetcher (the same SSRF rules as
-everywhere, ``WBC_URL_ALLOWED_PRIVATE_HOSTS`` included): every download gets at most ``WBC_URL_FETCH_SECONDS``
-and never more than what is left of the batch's ``WBC_BATCH_URL_BUDGET_SECONDS``. A URL that fails, or is still
-waiting when the budget is spent, becomes a failed item with its reason; a fetched image is stored and the item
-then waits for classification like an uploaded file. The lease is renewed while downloads run, and a worker
-that lost it stores nothing more.
+waits for a remote server. The worker that holds a chunk fetches the chunk's URL items here through the safe
+fetcher (the same SSRF rules as everywhere, ``WBC_URL_ALLOWED_PRIVATE_HOSTS`` included): every download gets at
+most ``WBC_URL_FETCH_SECONDS`` and never more than what is left of ``WBC_BATCH_URL_BUDGET_SECONDS`` (a batch's
+URLs, at most ``WBC_BATCH_MAX_URLS``, come after its files, so they usually share one chunk and its budget). A URL
+that fails, or is still waiting when the budget is spent, becomes a failed item with its reason; a fetched image is
+stored and the item then waits for classification like an uploaded file. The chunk's lease is renewed while
+downloads run, and a worker that lost it stores nothing more.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -23,6 +23,7 @@ from django.core.files.base import ContentFile
 from classifier.fetch import UrlRefused, fetch_url
 from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
 
+from .chunks import ChunkLease
 from .models import Batch, BatchItem
 from .wakeup import PROGRESS, notify
 
@@ -30,10 +31,9 @@ logger = logging.getLogger(__name__)
 URL_FETCHERS = 8  # downloads of one batch at the same time (they mostly wait on the network)
 
 
-def pending_url_items(batch: Batch) -> list[BatchItem]:
-    return list(
-        batch.items.filter(status=BatchItem.Status.PENDING, image="").exclude(source_url="").order_by("position")
-    )
+def pending_url_items(items) -> list[BatchItem]:
+    """The items (a queryset, e.g. a chunk's) still to download."""
+    return list(items.filter(status=BatchItem.Status.PENDING, image="").exclude(source_url="").order_by("position"))
 
 
 def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, bytes] | str:
@@ -56,14 +56,12 @@ def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, byt
     return name, data
 
 
-def _record(batch: Batch, lease: uuid.UUID, item: BatchItem, outcome: tuple[str, bytes] | str) -> bool:
-    """Store one outcome if this worker still holds the batch; False when the lease is lost."""
-    held = BatchItem.objects.filter(
-        pk=item.pk, status=BatchItem.Status.PENDING, image="", batch__lease=lease, batch_id=batch.pk
-    )
+def _record(batch: Batch, lease: ChunkLease, item: BatchItem, outcome: tuple[str, bytes] | str) -> bool:
+    """Store one outcome if this worker still holds the chunk; False when the lease is lost."""
+    held = BatchItem.objects.filter(lease.held(), pk=item.pk, status=BatchItem.Status.PENDING, image="")
     if isinstance(outcome, str):
         held.update(status=BatchItem.Status.FAILED, error=outcome[:500])
-        return Batch.objects.filter(pk=batch.pk, lease=lease).exists()
+        return lease.is_held()
     _, data = outcome
     field = BatchItem._meta.get_field("image")
     suffix = ".png" if sniff_image_type(data) == "PNG" else ".jpg"
@@ -72,13 +70,17 @@ def _record(batch: Batch, lease: uuid.UUID, item: BatchItem, outcome: tuple[str,
     )
     if held.update(image=stored) != 1:
         field.storage.delete(stored)  # another worker took over (or the item is gone): nothing half-stored
-        return Batch.objects.filter(pk=batch.pk, lease=lease).exists()
+        return lease.is_held()
     return True
 
 
-def fetch_url_items(batch: Batch, lease: uuid.UUID, renew: Callable[[], bool]) -> bool:
-    """Download the batch's pending URL items; False when the lease was lost (stop at once)."""
-    items = pending_url_items(batch)
+def fetch_url_items(batch: Batch, items, lease: ChunkLease, stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Download the pending URL items among ``items`` (the chunk's); False when the lease was lost (stop at once).
+
+    When ``stopping()`` turns true (the worker is shutting down) it returns True at once, leaving the items not yet
+    downloaded pending for whoever takes the chunk next.
+    """
+    items = pending_url_items(items)
     if not items:
         return True
     budget = float(settings.WBC_BATCH_URL_BUDGET_SECONDS)
@@ -94,8 +96,10 @@ def fetch_url_items(batch: Batch, lease: uuid.UUID, renew: Callable[[], bool]) -
                     return False
             if finished:
                 notify(PROGRESS)
-            if not renew():
+            if not lease.renew():
                 return False
+            if stopping():
+                return True
         return True
     finally:
         for future in running:

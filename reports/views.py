@@ -35,7 +35,7 @@ from .review import filter_review, set_wbc_count, slide_state, with_review_count
 from .services import Refused, create_evaluation, rerun_batch
 from .submission import batch_limits, submit_batch, url_entries
 from .uploads import UploadRefused, expand_uploads
-from .wakeup import PROGRESS, WakeupSocket
+from .wakeup import PROGRESS, listen
 
 THRESHOLD_REFUSED = (
     f"The threshold must be a number between {THRESHOLD_MIN:.2f} and {THRESHOLD_MAX:.2f} (e.g. ?threshold=0.85)."
@@ -124,7 +124,7 @@ def batch_status(request: HttpRequest, uid) -> JsonResponse:
     wait = _number_param(request, "wait", 0.0, 0.0, MAX_STATUS_WAIT_SECONDS)
     after = _number_param(request, "after", -1, -1, 10**9)
     deadline = time.monotonic() + wait
-    with WakeupSocket(PROGRESS) if wait else contextlib.nullcontext() as progress:  # bound before the first look
+    with listen(PROGRESS) if wait else contextlib.nullcontext() as progress:  # bound before the first look
         while True:
             batch.refresh_from_db(fields=["status", "started_at", "error"])
             counts = dict(batch.items.values_list("status").annotate(n=Count("id")))

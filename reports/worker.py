@@ -1,23 +1,29 @@
-"""The background worker's side of batches: claiming, classifying in chunks, and recovering.
+"""The background worker's side of batches: claiming chunks, classifying them, finishing batches, recovering.
 
-A batch is processed by a task that first *claims* it with a conditional UPDATE (queued, or running
-with an expired lease) that must change exactly one row. The holder renews its lease after every
-chunk, so a worker that dies mid-batch leaves a lease that expires; ``recover_stale_batches`` (run by
-the worker itself when it starts and every ``WBC_WORKER_RECOVERY_SECONDS``, never by a page or API
-request) hands such a batch to a new task, which processes only the items still pending. The
-one-to-one link from item to prediction makes a second result for the same image impossible.
+A batch is split into chunks (:mod:`reports.chunks`), one task each, so several workers on several hosts share
+a large batch. A task first *claims* its chunk with a conditional UPDATE (queued, or running with an expired
+lease) that must change exactly one row, marks the batch running, and renews the chunk's lease after every
+sub-batch it stores, so a worker that dies mid-chunk leaves a lease that expires; ``recover_stale_chunks`` (run
+by the worker itself when it starts and every ``WBC_WORKER_RECOVERY_SECONDS``, never by a page or API request)
+hands such a chunk to a new task, which processes only the items still pending. The one-to-one link from item
+to prediction, re-checked under each store's transaction, makes a second result for the same image impossible.
+Whoever finishes the last chunk marks the batch done, once (a conditional UPDATE), and sends ``batch_finished``.
 
-Every claim counts an attempt: a task that raises puts the batch back in the queue with the error, and
-after ``WBC_BATCH_MAX_ATTEMPTS`` attempts (a task that keeps failing, or a worker that keeps dying on
-the batch) the batch is failed with the last error instead of being retried forever.
+Every claim counts an attempt on the chunk (the batch shows the most any chunk needed): a task that raises puts
+the chunk back in the queue with the error, and after ``WBC_BATCH_MAX_ATTEMPTS`` attempts (a task that keeps
+failing, or a worker that keeps dying on the chunk) the batch is failed with the last error instead of being
+retried forever. A worker asked to stop (SIGTERM) stores the sub-batch in hand and *releases* its chunk (back in
+the queue, lease cleared, a new task; not a failed attempt); a worker that lost the database mid-chunk releases it
+too once the database answers again (that attempt counts, so a fault that keeps coming back cannot loop forever).
 
-Order of work: the stored files first, then the batch's URLs are downloaded (:mod:`reports.url_items`,
-within the batch's time budget), then what was downloaded is classified.
+Order of work in a chunk: its stored files first, then its URLs are downloaded (:mod:`reports.url_items`,
+within the time budget), then what was downloaded is classified.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +31,9 @@ from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, OuterRef, Q, Subquery
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Exists, F, OuterRef, Q, Subquery
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from classifier.models import Prediction
@@ -34,75 +41,208 @@ from classifier.services import new_prediction
 from wbc_ml.inference import ModelUnavailable, get_classifier
 from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
-from .models import Batch, BatchItem
+from .chunks import ChunkLease, enqueue_chunks, ensure_chunks
+from .models import Batch, BatchChunk, BatchItem
 from .signals import send_batch_finished
-from .submission import DECODE_WORKERS, enqueue
-from .tasks_queue import batches_waiting_for_a_task
+from .submission import DECODE_WORKERS
+from .tasks_queue import chunks_waiting_for_a_task
 from .thumbnails import make_thumbnail, stored_thumbnails
 from .url_items import fetch_url_items
 from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
-CHUNK = 32
+SUB_BATCH = 32  # images per ONNX Runtime call and per stored transaction
+DATABASE_DOWN = (OperationalError, InterfaceError)  # the database went away (restarted, network): not the chunk's fault
+RELEASE_TRIES = 8  # after a database outage, tries (with a growing pause, about a minute in all) to give a chunk back
+NOT_CLAIMED = "not claimed (finished, failed, or another worker holds it)"
+LOST = "lease lost to another worker; stopped"
+RELEASED = "released"
+
+# Set when the worker process is asked to stop (SIGTERM): the chunk in hand is released after its current sub-batch.
+stopping = threading.Event()
+
+
+class _Stop(Exception):
+    """The chunk is given back (the worker is stopping): not an error."""
 
 
 def _claimable() -> Q:
     stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS)
-    return Q(status=Batch.Status.QUEUED) | Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale)
+    return Q(status=BatchChunk.Status.QUEUED) | Q(status=BatchChunk.Status.RUNNING, heartbeat_at__lt=stale)
 
 
-def _claim(batch_id: int) -> uuid.UUID | None:
-    """Atomically take the batch if it is queued, or running with an expired lease (one more attempt).
+def _claim(chunk_id: int, worker_id: str) -> ChunkLease | None:
+    """Atomically take the chunk if it is queued, or running with an expired lease (one more attempt).
 
-    A claimable batch that has used up its attempts is failed here instead, with the last error.
+    A claimable chunk that has used up its attempts fails its batch here instead, with the last error.
     """
     lease = uuid.uuid4()
     now = timezone.now()
-    claimed = Batch.objects.filter(_claimable(), pk=batch_id, attempts__lt=settings.WBC_BATCH_MAX_ATTEMPTS).update(
-        status=Batch.Status.RUNNING, lease=lease, heartbeat_at=now, attempts=F("attempts") + 1
+    claimed = BatchChunk.objects.filter(_claimable(), pk=chunk_id, attempts__lt=settings.WBC_BATCH_MAX_ATTEMPTS).update(
+        status=BatchChunk.Status.RUNNING, lease=lease, heartbeat_at=now, attempts=F("attempts") + 1, worker_id=worker_id
     )
     if claimed != 1:
-        _give_up(batch_id)
+        _give_up(chunk_id)
         return None
-    Batch.objects.filter(pk=batch_id, started_at__isnull=True).update(started_at=now)
-    return lease
+    chunk = BatchChunk.objects.only("batch_id", "attempts").get(pk=chunk_id)
+    Batch.objects.filter(pk=chunk.batch_id, status__in=[Batch.Status.QUEUED, Batch.Status.RUNNING]).update(
+        status=Batch.Status.RUNNING, attempts=Greatest(F("attempts"), chunk.attempts)
+    )
+    Batch.objects.filter(pk=chunk.batch_id, started_at__isnull=True).update(started_at=now)
+    return ChunkLease(chunk_id, lease)
 
 
-def _give_up(batch_id: int) -> None:
-    batch = Batch.objects.filter(_claimable(), pk=batch_id, attempts__gte=settings.WBC_BATCH_MAX_ATTEMPTS).first()
-    if batch is None:
+def _give_up(chunk_id: int) -> None:
+    chunk = BatchChunk.objects.filter(_claimable(), pk=chunk_id, attempts__gte=settings.WBC_BATCH_MAX_ATTEMPTS).first()
+    if chunk is None:
         return
-    last = batch.error or "the worker stopped while classifying it each time (killed, or out of memory?)"
-    _stop_for_good(Batch.objects.filter(_claimable(), pk=batch_id), batch.attempts, last)
+    last = chunk.error or "the worker stopped while classifying it each time (killed, or out of memory?)"
+    _fail_batch(chunk.batch_id, f"Stopped after {chunk.attempts} attempts. Last error: {last}")
 
 
-def _stop_for_good(batches, attempts: int, last_error: str) -> None:
-    """Fail the batch (a queryset of it, with the condition the caller needs) with its last error."""
-    if batches.update(
-        status=Batch.Status.FAILED,
-        lease=None,
-        finished_at=timezone.now(),
-        error=f"Stopped after {attempts} attempts. Last error: {last_error}"[:5000],
-    ):
-        logger.error("batch failed after %s attempts: %s", attempts, last_error)
+def _fail_batch(batch_id: int, error: str) -> None:
+    """Fail the batch with ``error``, and its unfinished chunks with it (a worker still on one loses its lease)."""
+    now = timezone.now()
+    with transaction.atomic():
+        failed = Batch.objects.filter(pk=batch_id, status__in=[Batch.Status.QUEUED, Batch.Status.RUNNING]).update(
+            status=Batch.Status.FAILED, finished_at=now, error=error[:5000]
+        )
+        BatchChunk.objects.filter(
+            batch_id=batch_id, status__in=[BatchChunk.Status.QUEUED, BatchChunk.Status.RUNNING]
+        ).update(status=BatchChunk.Status.FAILED, lease=None)
+    if failed:
+        logger.error("batch %s failed: %s", batch_id, error)
 
 
-def _after_error(batch_id: int, lease: uuid.UUID, exc: Exception) -> None:
-    """A task raised: queue the batch again with the error, or fail it when its attempts are used up."""
-    batch = Batch.objects.filter(pk=batch_id, lease=lease).first()
-    if batch is None:
+def _after_error(lease: ChunkLease, exc: Exception) -> None:
+    """A task raised: queue the chunk again with the error, or fail the batch when its attempts are used up."""
+    chunk = BatchChunk.objects.filter(pk=lease.chunk_id, lease=lease.lease).first()
+    if chunk is None:
         return  # another worker holds it now
     message = f"{exc}" or type(exc).__name__
-    if batch.attempts >= settings.WBC_BATCH_MAX_ATTEMPTS:
-        _stop_for_good(Batch.objects.filter(pk=batch_id, lease=lease), batch.attempts, message)
+    if chunk.attempts >= settings.WBC_BATCH_MAX_ATTEMPTS:
+        _fail_batch(chunk.batch_id, f"Stopped after {chunk.attempts} attempts. Last error: {message}")
         return
-    error = f"Attempt {batch.attempts} of {settings.WBC_BATCH_MAX_ATTEMPTS} failed: {message}"[:5000]
-    if Batch.objects.filter(pk=batch_id, lease=lease).update(status=Batch.Status.QUEUED, lease=None, error=error):
-        enqueue(batch)
+    error = f"Attempt {chunk.attempts} of {settings.WBC_BATCH_MAX_ATTEMPTS} failed: {message}"[:5000]
+    requeued = BatchChunk.objects.filter(pk=chunk.pk, lease=lease.lease).update(
+        status=BatchChunk.Status.QUEUED, lease=None, error=error, queued_at=timezone.now()
+    )
+    if requeued:
+        Batch.objects.filter(pk=chunk.batch_id, status=Batch.Status.RUNNING).update(error=error)
+        enqueue_chunks([chunk.pk])
 
 
-def _renew(batch_id: int, lease: uuid.UUID) -> bool:
-    return Batch.objects.filter(pk=batch_id, lease=lease).update(heartbeat_at=timezone.now()) == 1
+def _release(lease: ChunkLease, *, error: str = "") -> bool:
+    """Give the chunk back unfinished: queued again, lease cleared, a new task queued.
+
+    Without ``error`` (the worker is stopping) the take does not count as an attempt. With it (the database went
+    away mid-chunk) it does, so a fault that keeps coming back ends in a failed batch rather than an endless loop.
+    """
+    changes = {"attempts": Greatest(F("attempts") - 1, 0)} if not error else {"error": error[:5000]}
+    released = BatchChunk.objects.filter(pk=lease.chunk_id, lease=lease.lease).update(
+        status=BatchChunk.Status.QUEUED, lease=None, heartbeat_at=None, queued_at=timezone.now(), **changes
+    )
+    if released:
+        enqueue_chunks([lease.chunk_id])
+    return bool(released)
+
+
+def _release_after_outage(lease: ChunkLease, exc: Exception) -> bool:
+    """The database went away mid-chunk: wait (bounded) until it answers, then give the chunk back.
+
+    When it stays away, the chunk keeps its lease; once that expires, recovery hands the chunk to a worker.
+    """
+    pause = 0.5
+    for _ in range(RELEASE_TRIES):
+        connection.close()  # a broken connection is never reused; the next query opens a new one
+        try:
+            return _release(lease, error=f"The database was unavailable: {exc}")
+        except DATABASE_DOWN as again:
+            logger.warning("chunk %s: database still unavailable (%s); again in %.1f s", lease.chunk_id, again, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
+    return False
+
+
+def process_chunk_now(chunk_id: int, worker_id: str = "") -> str:
+    """Classify the chunk's pending items; safe to run twice, and after a crash."""
+    lease = _claim(chunk_id, worker_id)
+    if lease is None:
+        return NOT_CLAIMED
+    try:
+        return _process(lease)
+    except _Stop:
+        return RELEASED if _release(lease) else LOST
+    except DATABASE_DOWN as exc:
+        logger.warning("chunk %s: the database went away (%s)", chunk_id, exc)
+        if _release_after_outage(lease, exc):
+            return f"{RELEASED} after a database outage: {exc}"
+        raise
+    except Exception as exc:
+        logger.exception("chunk %s: the task failed", chunk_id)
+        _after_error(lease, exc)
+        raise  # the task itself is recorded as failed, with its traceback
+    except (SystemExit, KeyboardInterrupt):  # stopped at once (a second SIGTERM): give the chunk back if we can
+        _release(lease)
+        raise
+    finally:
+        notify(PROGRESS)  # whatever happened, anyone watching the batch looks again
+
+
+def process_batch_now(batch_id: int, worker_id: str = "") -> str:
+    """Run every unfinished chunk of the batch in this process, in order (tests, tasks queued before chunks)."""
+    batch = Batch.objects.get(pk=batch_id)
+    ensure_chunks(batch)
+    chunk_ids = list(batch.chunks.exclude(status=BatchChunk.Status.DONE).values_list("pk", flat=True))
+    outcomes = [process_chunk_now(chunk_id, worker_id) for chunk_id in chunk_ids]
+    if all(outcome == NOT_CLAIMED for outcome in outcomes):
+        return NOT_CLAIMED
+    batch.refresh_from_db(fields=["status", "error"])
+    if batch.status == Batch.Status.DONE:
+        return "done"
+    if batch.status == Batch.Status.FAILED:
+        return f"failed: {batch.error}"
+    return "; ".join(sorted(set(outcomes)))
+
+
+def _process(lease: ChunkLease) -> str:
+    chunk = BatchChunk.objects.select_related("batch__model", "batch__user").get(pk=lease.chunk_id)
+    batch = chunk.batch
+    record = batch.model
+    try:
+        classifier = get_classifier(record.spec(batch.normalization or None))
+    except ModelUnavailable as exc:
+        _fail_batch(batch.pk, str(exc))
+        return f"failed: {exc}"
+    items = batch.items.filter(position__gte=chunk.first_position, position__lt=chunk.end_position)
+    if not _classify_pending(batch, items, lease, classifier):
+        return LOST
+    if not fetch_url_items(batch, items, lease, stopping.is_set):
+        return LOST
+    if not _classify_pending(batch, items, lease, classifier):  # what was downloaded
+        return LOST
+    if stopping.is_set() and items.filter(status=BatchItem.Status.PENDING).exists():
+        raise _Stop
+    finished = BatchChunk.objects.filter(pk=chunk.pk, lease=lease.lease).update(
+        status=BatchChunk.Status.DONE, lease=None, heartbeat_at=timezone.now(), error=""
+    )
+    if not finished:
+        return LOST
+    _finish_batch(batch.pk)
+    return "done"
+
+
+def _finish_batch(batch_id: int) -> bool:
+    """Mark the batch done if every chunk is done: one conditional UPDATE, so exactly one worker succeeds."""
+    unfinished = BatchChunk.objects.filter(batch_id=OuterRef("pk")).exclude(status=BatchChunk.Status.DONE)
+    done = (
+        Batch.objects.filter(pk=batch_id, status=Batch.Status.RUNNING)
+        .exclude(Exists(unfinished))
+        .update(status=Batch.Status.DONE, finished_at=timezone.now(), error="")
+    )
+    if done:
+        transaction.on_commit(lambda: send_batch_finished(batch_id))  # e.g. lis sends an AI-only result
+    return bool(done)
 
 
 def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int], bytes | None] | str:
@@ -116,76 +256,40 @@ def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int
     return resize(image, size), image.size, make_thumbnail(image)
 
 
-def process_batch_now(batch_id: int) -> str:
-    """Classify the batch's pending items in chunks; safe to run twice, and after a crash."""
-    lease = _claim(batch_id)
-    if lease is None:
-        return "not claimed (finished, failed, or another worker holds it)"
-    try:
-        return _process(batch_id, lease)
-    except Exception as exc:
-        logger.exception("batch %s: the task failed", batch_id)
-        _after_error(batch_id, lease, exc)
-        raise  # the task itself is recorded as failed, with its traceback
-    finally:
-        notify(PROGRESS)  # whatever happened, anyone watching the batch looks again
+def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier) -> bool:
+    """Classify the pending stored images among ``items`` in sub-batches; False when the lease was lost.
 
-
-def _process(batch_id: int, lease: uuid.UUID) -> str:
-    batch = Batch.objects.select_related("model", "user").get(pk=batch_id)
-    record = batch.model
-    try:
-        classifier = get_classifier(record.spec(batch.normalization or None))
-    except ModelUnavailable as exc:
-        Batch.objects.filter(pk=batch_id, lease=lease).update(
-            status=Batch.Status.FAILED, error=str(exc), finished_at=timezone.now()
-        )
-        return f"failed: {exc}"
-    lost = "lease lost to another worker; stopped"
-    if not _classify_pending(batch, lease, classifier):
-        return lost
-    if not fetch_url_items(batch, lease, lambda: _renew(batch_id, lease)):
-        return lost
-    if not _classify_pending(batch, lease, classifier):  # what was downloaded
-        return lost
-    finished = Batch.objects.filter(pk=batch_id, lease=lease).update(
-        status=Batch.Status.DONE, finished_at=timezone.now(), error=""
-    )
-    if not finished:
-        return lost
-    transaction.on_commit(lambda: send_batch_finished(batch_id))  # e.g. lis sends an AI-only result
-    return "done"
-
-
-def _classify_pending(batch: Batch, lease: uuid.UUID, classifier) -> bool:
-    """Classify the batch's pending stored images in chunks; False when the lease was lost."""
+    Raises :class:`_Stop` between sub-batches once the worker is asked to stop.
+    """
     record = batch.model
     pending = list(
-        batch.items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True)
-        .exclude(image="")
-        .order_by("position")
+        items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True).exclude(image="").order_by("position")
     )
-    chunks = [pending[start : start + CHUNK] for start in range(0, len(pending), CHUNK)]
+    parts = [pending[start : start + SUB_BATCH] for start in range(0, len(pending), SUB_BATCH)]
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
 
-        def decode(chunk: list[BatchItem]) -> list:
-            return [pool.submit(_load, item, record.input_size) for item in chunk]
+        def decode(part: list[BatchItem]) -> list:
+            return [pool.submit(_load, item, record.input_size) for item in part]
 
-        upcoming = decode(chunks[0]) if chunks else []
-        for index, items in enumerate(chunks):
+        upcoming = decode(parts[0]) if parts else []
+        for index, part in enumerate(parts):
+            if stopping.is_set():
+                for future in upcoming:
+                    future.cancel()
+                raise _Stop
             started = time.perf_counter()
             loaded = [future.result() for future in upcoming]
-            # The next chunk decodes on the pool while this one is classified and stored.
-            upcoming = decode(chunks[index + 1]) if index + 1 < len(chunks) else []
-            good = [(item, out) for item, out in zip(items, loaded, strict=True) if not isinstance(out, str)]
+            # The next sub-batch decodes on the pool while this one is classified and stored.
+            upcoming = decode(parts[index + 1]) if index + 1 < len(parts) else []
+            good = [(item, out) for item, out in zip(part, loaded, strict=True) if not isinstance(out, str)]
             results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
-            loaded, good, results = _fail_non_finite(items, loaded, good, results)
-            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(items)
-            if not _store_chunk(batch, lease, items, loaded, good, results, per_image_ms):
+            loaded, good, results = _fail_non_finite(part, loaded, good, results)
+            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(part)
+            if not _store_part(batch, lease, part, loaded, good, results, per_image_ms):
                 for future in upcoming:
                     future.cancel()
                 return False
-            if index + 1 < len(chunks):
+            if index + 1 < len(parts):  # after the last one, the task's end notifies (the batch may be done by then)
                 notify(PROGRESS)
     return True
 
@@ -204,12 +308,13 @@ def _fail_non_finite(items, loaded, good, results):
     return loaded, [pair for pair, _ in kept], [r for _, r in kept]
 
 
-def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bool:
-    """Record one chunk's outcomes in one transaction, if this worker still holds the lease (thumbnail files
-    saved in it are deleted again if it fails)."""
+def _store_part(batch, lease: ChunkLease, items, loaded, good, results, per_image_ms) -> bool:
+    """Record one sub-batch's outcomes in one transaction, if this worker still holds the chunk's lease (thumbnail
+    files saved in it are deleted again if it fails)."""
     record = batch.model
     with stored_thumbnails() as thumbnails, transaction.atomic():
-        if not Batch.objects.filter(pk=batch.pk, lease=lease).exists():
+        # Locks the chunk's row until the commit: a worker that takes it over after an expiry waits for this store.
+        if not BatchChunk.objects.select_for_update().filter(pk=lease.chunk_id, lease=lease.lease).exists():
             return False
         for item, outcome in zip(items, loaded, strict=True):
             if isinstance(outcome, str):
@@ -246,24 +351,28 @@ def _store_chunk(batch, lease, items, loaded, good, results, per_image_ms) -> bo
             BatchItem.objects.filter(pk__in=[item.pk for item, *_ in todo]).update(
                 prediction=Subquery(new.values("pk")[:1]), status=BatchItem.Status.DONE, thumbnail=thumbnails.column()
             )
-        return _renew(batch.pk, lease)
+        return lease.renew()
 
 
-def recover_stale_batches() -> list[int]:
-    """Re-enqueue batches whose worker died (expired lease) or whose task never ran; called by the worker only.
+def recover_stale_chunks() -> list[int]:
+    """Re-enqueue chunks whose worker died (expired lease) or whose task never ran; called by the worker only.
 
-    A batch that already has a task waiting in the queue is left alone, so calling this often adds nothing twice.
+    A chunk that already has a task waiting in the queue is left alone, so calling this often adds nothing twice.
+    An unfinished batch without chunks (queued before chunks existed) gets its chunks first.
     """
+    for batch in Batch.objects.filter(status__in=[Batch.Status.QUEUED, Batch.Status.RUNNING], chunks__isnull=True):
+        ensure_chunks(batch)
     stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS)
-    candidates = Batch.objects.filter(
-        Q(status=Batch.Status.RUNNING, heartbeat_at__lt=stale) | Q(status=Batch.Status.QUEUED, created_at__lt=stale)
-    )
-    waiting = batches_waiting_for_a_task()
+    candidates = BatchChunk.objects.filter(
+        Q(status=BatchChunk.Status.RUNNING, heartbeat_at__lt=stale)
+        | Q(status=BatchChunk.Status.QUEUED, queued_at__lt=stale)
+    ).select_related("batch")
+    waiting = chunks_waiting_for_a_task()
     recovered = []
-    for batch in candidates:
-        if batch.pk in waiting:
+    for chunk in candidates:
+        if chunk.pk in waiting:
             continue
-        logger.warning("re-enqueuing batch %s (%s) left unfinished", batch.pk, batch.name)
-        enqueue(batch)
-        recovered.append(batch.pk)
+        logger.warning("re-enqueuing chunk %s of batch %s (%s) left unfinished", chunk.index, chunk.batch_id, chunk)
+        recovered.append(chunk.pk)
+    enqueue_chunks(recovered)
     return recovered

@@ -295,3 +295,44 @@ def server(settings):
     thread.start()
     yield httpd.server_address[1]
     httpd.shutdown()
+
+
+class HeldImageHandler(BaseHTTPRequestHandler):
+    """Serves ``SERVED_PNG``, but holds the first request until ``release`` is set: a worker downloading a batch's
+    URL then waits inside its batch (or chunk) for as long as a test needs."""
+
+    arrived = threading.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    taken = False
+
+    def do_GET(self):
+        with self.lock:
+            first, HeldImageHandler.taken = not HeldImageHandler.taken, True
+        if first:
+            self.arrived.set()
+            self.release.wait(90)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(SERVED_PNG)))
+        self.end_headers()
+        self.wfile.write(SERVED_PNG)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def held_server(settings):
+    """A :class:`HeldImageHandler` server on loopback: its base URL (``localhost`` may resolve privately)."""
+    settings.WBC_URL_ALLOWED_PRIVATE_HOSTS = {"localhost"}
+    HeldImageHandler.arrived.clear()
+    HeldImageHandler.release.clear()
+    HeldImageHandler.taken = False
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeldImageHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://localhost:{httpd.server_address[1]}"
+    HeldImageHandler.release.set()
+    httpd.shutdown()
+    httpd.server_close()

@@ -13,17 +13,19 @@ from django_tasks_db.models import DBTaskResult
 
 from classifier.models import Prediction
 from reports import worker as batches
-from reports.models import Batch, BatchItem
+from reports.metrics import queue_depth
+from reports.models import Batch, BatchChunk, BatchItem
+from reports.signals import batch_finished
 from reports.submission import submit_batch
 from reports.uploads import Limits, NamedBytes, UploadRefused, expand_uploads
-from reports.worker import process_batch_now, recover_stale_batches
+from reports.worker import process_batch_now, recover_stale_chunks
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _entries(n=3, bad=0):
-    good = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i, 100, 200))) for i in range(n)]
+    good = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i % 256, 100, 200))) for i in range(n)]
     return good + [NamedBytes(f"junk{i}.jpg", b"not an image") for i in range(bad)]
 
 
@@ -82,36 +84,102 @@ class WorkerDied(BaseException):
 
 def test_worker_that_died_mid_batch_is_resumed_without_duplicates(technologist, tiny_record, settings, monkeypatch):
     batch = submit_batch(technologist, _entries(5), tiny_record, name="Crashed")
-    monkeypatch.setattr(batches, "CHUNK", 2)
-    real_store = batches._store_chunk
+    chunk = batch.chunks.get()  # five images: one chunk
+    monkeypatch.setattr(batches, "SUB_BATCH", 2)
+    real_store = batches._store_part
 
     def store_then_die(*args):
         real_store(*args)
         raise WorkerDied
 
-    monkeypatch.setattr(batches, "_store_chunk", store_then_die)
+    monkeypatch.setattr(batches, "_store_part", store_then_die)
     with pytest.raises(WorkerDied):
         process_batch_now(batch.pk)
-    monkeypatch.setattr(batches, "_store_chunk", real_store)
+    monkeypatch.setattr(batches, "_store_part", real_store)
     batch.refresh_from_db()
-    assert batch.status == Batch.Status.RUNNING
+    chunk.refresh_from_db()
+    assert batch.status == Batch.Status.RUNNING and chunk.status == BatchChunk.Status.RUNNING
     assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
 
-    # While the dead worker's lease is fresh nobody else may take the batch...
+    # While the dead worker's lease is fresh nobody else may take the chunk...
     assert process_batch_now(batch.pk).startswith("not claimed")
-    assert recover_stale_batches() == []
-    # ...once it has expired the batch is handed to a new task, which processes only the rest.
+    assert recover_stale_chunks() == []
+    # ...once it has expired the chunk is handed to a new task, which processes only the rest.
     stale = timezone.now() - timedelta(seconds=settings.WBC_LEASE_SECONDS + 1)
-    Batch.objects.filter(pk=batch.pk).update(heartbeat_at=stale)
-    assert recover_stale_batches() == []  # its first task still waits in the queue: nothing is queued twice
+    BatchChunk.objects.filter(pk=chunk.pk).update(heartbeat_at=stale)
+    assert recover_stale_chunks() == []  # its first task still waits in the queue: nothing is queued twice
     DBTaskResult.objects.update(status=TaskResultStatus.RUNNING)  # as if the dead worker had taken that task
-    assert recover_stale_batches() == [batch.pk]
-    assert recover_stale_batches() == []  # the new task waits: recovering again adds nothing
+    assert recover_stale_chunks() == [chunk.pk]
+    assert recover_stale_chunks() == []  # the new task waits: recovering again adds nothing
     _run_worker()
     batch.refresh_from_db()
-    assert batch.status == Batch.Status.DONE
+    assert batch.status == Batch.Status.DONE and batch.attempts == 2
     assert batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count() == 5
     assert Prediction.objects.count() == 5  # no image got two results
+
+
+def test_a_large_batch_is_split_into_chunks_that_each_finish_and_the_last_one_finishes_the_batch(
+    technologist, tiny_record, settings
+):
+    settings.WBC_CHUNK_SIZE = 4
+    batch = submit_batch(technologist, _entries(10, bad=1), tiny_record, name="Chunked")
+    chunks = list(batch.chunks.order_by("index"))
+    # ten good images in three nearly equal chunks (not 4, 4, 2); the refused file needs no chunk
+    assert [(c.first_position, c.end_position) for c in chunks] == [(0, 3), (3, 7), (7, 10)]
+    assert DBTaskResult.objects.filter(task_path="reports.tasks.process_chunk").count() == 3
+    finished = []
+    batch_finished.connect(lambda sender, batch, **kw: finished.append(batch.pk), weak=False, dispatch_uid="t")
+    try:
+        assert batches.process_chunk_now(chunks[1].pk, worker_id="w-1") == "done"
+        batch.refresh_from_db()
+        assert batch.status == Batch.Status.RUNNING and batch.items.filter(status="done").count() == 4
+        assert batches.process_chunk_now(chunks[1].pk) == batches.NOT_CLAIMED  # a chunk is done once
+        assert batches.process_chunk_now(chunks[0].pk, worker_id="w-2") == "done"
+        assert finished == []
+        assert batches.process_chunk_now(chunks[2].pk, worker_id="w-1") == "done"
+    finally:
+        batch_finished.disconnect(dispatch_uid="t")
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE and finished == [batch.pk]
+    assert sorted(batch.chunks.values_list("worker_id", flat=True)) == ["w-1", "w-1", "w-2"]
+    assert batch.items.filter(status=BatchItem.Status.DONE, prediction__isnull=False).count() == 10
+    assert Prediction.objects.count() == 10
+
+
+def test_the_queue_depth_counts_waiting_chunks_and_images(technologist, tiny_record, settings):
+    settings.WBC_CHUNK_SIZE = 3
+    batch = submit_batch(technologist, _entries(5), tiny_record, name="Waiting")
+    depth = queue_depth()
+    assert (depth.chunks, depth.pending_images) == ({"queued": 2, "running": 0}, 5)
+    batches.process_chunk_now(batch.chunks.order_by("index").first().pk)  # positions 0 and 1
+    depth = queue_depth()
+    assert (depth.chunks, depth.pending_images) == ({"queued": 1, "running": 0}, 3)
+    assert depth.batches == {"queued": 0, "running": 1}
+
+
+def test_a_stopping_worker_gives_its_chunk_back_after_the_images_in_hand(technologist, tiny_record, monkeypatch):
+    batch = submit_batch(technologist, _entries(5), tiny_record, name="Stopped")
+    chunk = batch.chunks.get()
+    monkeypatch.setattr(batches, "SUB_BATCH", 2)
+    real_store = batches._store_part
+
+    def store_then_stop(*args):
+        stored = real_store(*args)
+        batches.stopping.set()  # SIGTERM arrives while the first two images are stored
+        return stored
+
+    monkeypatch.setattr(batches, "_store_part", store_then_stop)
+    try:
+        assert process_batch_now(batch.pk) == "released"
+    finally:
+        batches.stopping.clear()
+    chunk.refresh_from_db()
+    assert (chunk.status, chunk.lease, chunk.attempts) == (BatchChunk.Status.QUEUED, None, 0)  # not a failed attempt
+    assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
+    monkeypatch.setattr(batches, "_store_part", real_store)
+    _run_worker()  # the chunk went back to the queue with a new task
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE and Prediction.objects.count() == 5
 
 
 def test_running_a_finished_batch_again_changes_nothing(technologist, tiny_record):

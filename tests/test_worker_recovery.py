@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
+import uuid
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.urls import reverse
 from django.utils import timezone
 
 from classifier.models import Prediction
-from reports.models import Batch, BatchItem, WorkerHeartbeat
+from reports.models import Batch, BatchChunk, BatchItem, WorkerHeartbeat
 from reports.submission import submit_batch, url_entries
 from reports.uploads import NamedBytes
-from tests.conftest import image_bytes, start_worker
+from tests.conftest import HeldImageHandler, image_bytes, start_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PNG = image_bytes(size=(80, 80))
 FAST_RECOVERY = {
     "WBC_LEASE_SECONDS": "3",
     "WBC_WORKER_RECOVERY_SECONDS": "1",
@@ -30,45 +28,6 @@ FAST_RECOVERY = {
     "WBC_URL_ALLOWED_PRIVATE_HOSTS": "localhost",
     "WBC_URL_FETCH_SECONDS": "90",
 }
-
-
-class HeldHandler(BaseHTTPRequestHandler):
-    """The first request is held (the worker is busy downloading it when it is killed); later ones answer."""
-
-    arrived = threading.Event()
-    release = threading.Event()
-    lock = threading.Lock()
-    taken = False
-
-    def do_GET(self):
-        with self.lock:
-            first, HeldHandler.taken = not HeldHandler.taken, True
-        if first:
-            self.arrived.set()
-            self.release.wait(90)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(PNG)))
-        self.end_headers()
-        self.wfile.write(PNG)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def held_server(settings):
-    HeldHandler.arrived.clear()
-    HeldHandler.release.clear()
-    HeldHandler.taken = False
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeldHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://localhost:{httpd.server_address[1]}"
-    HeldHandler.release.set()
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _stop(worker) -> None:
@@ -98,14 +57,14 @@ def test_a_batch_of_a_killed_worker_is_finished_by_the_next_worker_without_anyon
     second = None
     try:
         # The files are classified first; then the worker waits on the held download: kill it there.
-        assert HeldHandler.arrived.wait(180), "the worker never reached the URL"
+        assert HeldImageHandler.arrived.wait(180), "the worker never reached the URL"
         batch.refresh_from_db()
         assert batch.status == Batch.Status.RUNNING and batch.attempts == 1
         assert batch.items.filter(status=BatchItem.Status.DONE).count() == 40
         os.kill(first.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         first.wait(timeout=20)
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         second = start_worker(settings, models_dir, **FAST_RECOVERY)  # at once: the dead lease is still fresh
 
         def finished() -> bool:
@@ -115,7 +74,7 @@ def test_a_batch_of_a_killed_worker_is_finished_by_the_next_worker_without_anyon
         _wait_for(finished, 180, "the batch to finish")  # reads the database only: no status page, no API
         print(f"finished {time.monotonic() - killed_at:.1f} s after the kill (lease 3 s, worker start included)")
     finally:
-        HeldHandler.release.set()
+        HeldImageHandler.release.set()
         _stop(first)
         if second is not None:
             _stop(second)
@@ -135,8 +94,9 @@ def test_pages_and_the_api_say_when_no_worker_is_running(settings, tech_client, 
     batch = submit_batch(technologist, entries, tiny_record, name="Waiting")
     # Half done, held by some worker (a lease far from expiring, so the worker below leaves it alone).
     started = timezone.now() - timedelta(seconds=30)
-    Batch.objects.filter(pk=batch.pk).update(
-        status=Batch.Status.RUNNING, started_at=started, heartbeat_at=timezone.now() + timedelta(hours=1)
+    Batch.objects.filter(pk=batch.pk).update(status=Batch.Status.RUNNING, started_at=started)
+    batch.chunks.update(
+        status=BatchChunk.Status.RUNNING, lease=uuid.uuid4(), heartbeat_at=timezone.now() + timedelta(hours=1)
     )
     BatchItem.objects.filter(pk=batch.items.first().pk).update(status=BatchItem.Status.DONE)
     worker = start_worker(settings, models_dir, WBC_WORKER_HEARTBEAT_SECONDS="1")

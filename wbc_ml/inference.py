@@ -160,6 +160,17 @@ class KerasBackend:
         return BackendOutput(*self.run(batch), None)
 
 
+_ONNX_THREADS = {"intra_op": 0}  # threads of each new ONNX Runtime session (0: its default); see set_onnx_threads
+
+
+def set_onnx_threads(threads: int) -> None:
+    """Limit each ONNX Runtime session made from now on to ``threads`` intra-op threads (0: one per core).
+
+    Several worker processes on one host each take a share of the cores instead of all competing for all.
+    """
+    _ONNX_THREADS["intra_op"] = max(0, int(threads))
+
+
 class OnnxBackend:
     """ONNX Runtime serving of the exported model: probabilities, and the detector features and the Grad-CAM maps
     when the copy has them (its ``wbc_outputs`` metadata names the outputs)."""
@@ -175,6 +186,8 @@ class OnnxBackend:
         # Idle intra-op threads sleep instead of spinning: the batch worker decodes the next chunk and the web
         # process answers requests on the same cores while a chunk is classified.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _ONNX_THREADS["intra_op"]:
+            options.intra_op_num_threads = _ONNX_THREADS["intra_op"]
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -201,8 +214,14 @@ class OnnxBackend:
         )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.run_all(batch)
-        return out.probabilities, out.features
+        """Probabilities and features only: the Grad-CAM outputs (a map per class) are not computed, so classifying
+        a batch costs what the classifier costs."""
+        wanted = [role for role in ("probabilities", "features") if role in self.roles]
+        names = [self.session.get_outputs()[self.roles.index(role)].name for role in wanted]
+        values = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        out = dict(zip(wanted, values, strict=True))
+        features = None if "features" not in out else np.asarray(out["features"], np.float64)
+        return np.asarray(out["probabilities"], np.float64), features
 
 
 def load_keras_model(path: Path):

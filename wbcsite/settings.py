@@ -286,7 +286,8 @@ WBC_BATCH_MAX_URLS = env_int("WBC_BATCH_MAX_URLS", 50)
 WBC_URL_ALLOWED_PRIVATE_HOSTS = frozenset(env_list("WBC_URL_ALLOWED_PRIVATE_HOSTS", []))
 WBC_ZIP_MAX_RATIO = env_int("WBC_ZIP_MAX_RATIO", 100)
 WBC_LEASE_SECONDS = env_int("WBC_LEASE_SECONDS", 120)
-# Where background workers listen for "a batch is queued" (Unix datagram sockets; polling is the fallback).
+# Where background workers listen for "a chunk is queued" on SQLite (Unix datagram sockets; polling is the fallback).
+# On PostgreSQL the wake-ups are LISTEN/NOTIFY instead, across hosts.
 WBC_WORKER_WAKEUP_DIR = Path(env_str("WBC_WORKER_WAKEUP_DIR", str(BASE_DIR / "var" / "wakeup")))
 WBC_WORKER_IDLE_SECONDS = env_int("WBC_WORKER_IDLE_SECONDS", 2)  # a look at the queue without a wake-up
 # Image URLs: one download must finish within WBC_URL_FETCH_SECONDS; a user runs at most WBC_URL_FETCHES_PER_USER
@@ -294,7 +295,11 @@ WBC_WORKER_IDLE_SECONDS = env_int("WBC_WORKER_IDLE_SECONDS", 2)  # a look at the
 WBC_URL_FETCH_SECONDS = env_int("WBC_URL_FETCH_SECONDS", 15)
 WBC_URL_FETCHES_PER_USER = env_int("WBC_URL_FETCHES_PER_USER", 2)
 WBC_BATCH_URL_BUDGET_SECONDS = env_int("WBC_BATCH_URL_BUDGET_SECONDS", 120)
-WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a batch whose task keeps failing is then failed
+WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a chunk whose task keeps failing fails its batch
+# A batch is split into chunks of about WBC_CHUNK_SIZE images; each chunk is one task, so several workers share it.
+WBC_CHUNK_SIZE = max(1, env_int("WBC_CHUNK_SIZE", 128))
+# ONNX Runtime threads per inference session in the worker (0: ONNX Runtime's default, one per core).
+WBC_ONNX_THREADS = max(0, env_int("WBC_ONNX_THREADS", 0))
 # The worker writes a heartbeat every WBC_WORKER_HEARTBEAT_SECONDS; older than WBC_WORKER_STALE_SECONDS means "no
 # worker is running". It looks for batches left by a dead worker every WBC_WORKER_RECOVERY_SECONDS.
 WBC_WORKER_HEARTBEAT_SECONDS = env_int("WBC_WORKER_HEARTBEAT_SECONDS", 5)

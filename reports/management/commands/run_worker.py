@@ -4,22 +4,24 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django_tasks_db.management.commands.db_worker import Worker
 from threadpoolctl import threadpool_limits
 
 from reports.heartbeat import beat, forget_old_workers, stopped
-from reports.wakeup import WakeupSocket
-from reports.worker import recover_stale_batches
+from reports.wakeup import WORKER, listen
+from reports.worker import recover_stale_chunks, stopping
+from wbc_ml.inference import set_onnx_threads
 
 logger = logging.getLogger(__name__)
+MAX_BACKOFF_SECONDS = 10.0  # the longest pause between tries while the database is unreachable
 
 
 class Housekeeping(threading.Thread):
-    """Beside the worker loop (so also while a long batch is being classified): the heartbeat every
-    ``WBC_WORKER_HEARTBEAT_SECONDS``, and every ``WBC_WORKER_RECOVERY_SECONDS`` the batches a dead worker left."""
+    """Beside the worker loop (so also while a chunk is being classified): the heartbeat every
+    ``WBC_WORKER_HEARTBEAT_SECONDS``, and every ``WBC_WORKER_RECOVERY_SECONDS`` the chunks a dead worker left."""
 
     def __init__(self, worker_id: str, started_at) -> None:
         super().__init__(name="worker-housekeeping", daemon=True)
@@ -34,11 +36,12 @@ class Housekeeping(threading.Thread):
                     beat(self.worker_id, self.started_at)
                     if time.monotonic() >= next_recovery:
                         next_recovery = time.monotonic() + settings.WBC_WORKER_RECOVERY_SECONDS
-                        recovered = recover_stale_batches()
+                        recovered = recover_stale_chunks()
                         if recovered:
-                            logger.warning("re-enqueued unfinished batch(es) %s", recovered)
-                except DatabaseError as exc:  # e.g. a locked SQLite file: the next round tries again
+                            logger.warning("re-enqueued unfinished chunk(s) %s", recovered)
+                except (DatabaseError, InterfaceError) as exc:  # a locked SQLite file, a database restart: try again
                     logger.warning("worker housekeeping: %s", exc)
+                    connection.close()
         finally:
             connection.close()
 
@@ -47,10 +50,49 @@ class Housekeeping(threading.Thread):
         self.join(timeout=10)
 
 
+class ChunkWorker(Worker):
+    """django-tasks-db's worker, whose first SIGTERM/SIGINT also asks the chunk in hand to stop.
+
+    Its own handling stays: idle, the process exits at once (0); busy, the task is let finish and the loop ends.
+    Our chunk task sees :data:`reports.worker.stopping`, stores the sub-batch in hand and releases the chunk, so the
+    stop takes a fraction of a second and no chunk is left running with a live lease. A second signal exits at once
+    (the chunk is then released on the way out, if the database answers).
+    """
+
+    def shutdown(self, signum, frame) -> None:
+        stopping.set()
+        super().shutdown(signum, frame)
+
+
+def run_rounds(worker: Worker) -> None:
+    """Run every ready task, then sleep on the wake-up until a chunk is queued (or the idle timeout), while
+    ``worker.running``. A database outage is waited out: the connections are closed, the pause grows (bounded),
+    and work carries on when the database answers again."""
+    pause = 0.5
+    with listen(WORKER) as wakeup:
+        first = True
+        while worker.running:
+            try:
+                worker.run()
+                pause = 0.5
+            except (OperationalError, InterfaceError) as exc:
+                logger.warning("database unavailable (%s); trying again in %.1f s", exc, pause)
+                connections.close_all()
+                wakeup.wait(pause)
+                pause = min(pause * 2, MAX_BACKOFF_SECONDS)
+                continue
+            if first:
+                print("worker ready: waiting for batches", flush=True)
+                first = False
+            if worker.running:
+                wakeup.wait(settings.WBC_WORKER_IDLE_SECONDS)
+
+
 class Command(BaseCommand):
     help = (
-        "Start the background worker: it first hands unfinished batches of a dead worker to new tasks, and keeps "
-        "doing so periodically; it writes a heartbeat the pages and /readyz read."
+        "Start the background worker: it classifies queued chunks of batches (with any number of other workers, on "
+        "any host sharing the database and storage), hands the chunks a dead worker left to new tasks, and writes a "
+        "heartbeat the pages and /readyz read. SIGTERM: the chunk in hand is released, then the worker exits."
     )
 
     def add_arguments(self, parser):
@@ -60,18 +102,19 @@ class Command(BaseCommand):
         # NumPy's BLAS (the non-WBC detectors) runs on one thread: the cores belong to ONNX Runtime and the
         # decoding pool, and two busy-waiting thread pools on the same cores slow both.
         threadpool_limits(1, user_api="blas")
+        set_onnx_threads(settings.WBC_ONNX_THREADS)
         worker_id = get_random_string(32)
         started_at = timezone.now()
         beat(worker_id, started_at)
         forget_old_workers()
-        recovered = recover_stale_batches()
+        recovered = recover_stale_chunks()
         if recovered:
-            self.stdout.write(f"re-enqueued {len(recovered)} unfinished batch(es): {recovered}")
+            self.stdout.write(f"re-enqueued {len(recovered)} unfinished chunk(s): {recovered}")
         # django-tasks-db's worker in batch mode runs every ready task and returns; between rounds this
-        # process sleeps on its wake-up socket, so a new batch starts at once without polling the database
-        # many times a second.
+        # process sleeps on its wake-up (LISTEN on PostgreSQL, a socket on SQLite), so a new chunk starts at
+        # once without polling the database many times a second.
         logging.getLogger("django_tasks_db").setLevel(logging.WARNING)  # not "starting worker" every round
-        worker = Worker(
+        worker = ChunkWorker(
             queue_names=["default"],
             interval=0.02,  # only used while the database is locked
             batch=True,
@@ -91,13 +134,10 @@ class Command(BaseCommand):
         housekeeping.start()
         try:
             worker.configure_signals()
-            with WakeupSocket() as wakeup:
-                worker.run()
-                self.stdout.write("worker ready: waiting for batches")
-                self.stdout.flush()
-                while worker.running:
-                    wakeup.wait(settings.WBC_WORKER_IDLE_SECONDS)
-                    worker.run()
+            run_rounds(worker)
         finally:
             housekeeping.stop()
-            stopped(worker_id)
+            try:
+                stopped(worker_id)
+            except (DatabaseError, InterfaceError) as exc:  # the heartbeat goes stale instead
+                logger.warning("could not record the stop: %s", exc)
