@@ -8,7 +8,7 @@ fetch (:mod:`reports.url_items`); a URL refused by its form is a failed item wit
 from __future__ import annotations
 
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -21,10 +21,9 @@ from classifier.models import ClassifierModel
 from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
 
 from .chunks import enqueue_chunks, ensure_chunks, make_chunks
+from .file_pool import file_pool
 from .models import Batch, BatchChunk, BatchItem
 from .uploads import Limits, NamedBytes, UploadRefused
-
-DECODE_WORKERS = 4
 
 
 def batch_limits() -> Limits:
@@ -113,8 +112,9 @@ def submit_batch(
         return entry, name
 
     try:
-        with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
-            checked = list(pool.map(check_and_store, range(len(entries)), entries))
+        futures = [file_pool().submit(check_and_store, position, entry) for position, entry in enumerate(entries)]
+        wait(futures)  # every write has finished (or failed) before anything is kept or cleaned up
+        checked = [future.result() for future in futures]
         with transaction.atomic():
             batch = Batch.objects.create(
                 uid=uid,

@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
@@ -42,9 +41,9 @@ from wbc_ml.inference import ModelUnavailable, get_classifier
 from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
 from .chunks import ChunkLease, enqueue_chunks, ensure_chunks
+from .file_pool import file_pool
 from .models import Batch, BatchChunk, BatchItem
 from .signals import send_batch_finished
-from .submission import DECODE_WORKERS
 from .tasks_queue import chunks_waiting_for_a_task
 from .thumbnails import make_thumbnail, stored_thumbnails
 from .url_items import fetch_url_items
@@ -266,31 +265,31 @@ def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier) -> boo
         items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True).exclude(image="").order_by("position")
     )
     parts = [pending[start : start + SUB_BATCH] for start in range(0, len(pending), SUB_BATCH)]
-    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+    pool = file_pool()  # the next sub-batch decodes on it while this one is classified and stored
 
-        def decode(part: list[BatchItem]) -> list:
-            return [pool.submit(_load, item, record.input_size) for item in part]
+    def decode(part: list[BatchItem]) -> list:
+        return [pool.submit(_load, item, record.input_size) for item in part]
 
-        upcoming = decode(parts[0]) if parts else []
-        for index, part in enumerate(parts):
-            if stopping.is_set():
-                for future in upcoming:
-                    future.cancel()
-                raise _Stop
-            started = time.perf_counter()
-            loaded = [future.result() for future in upcoming]
-            # The next sub-batch decodes on the pool while this one is classified and stored.
-            upcoming = decode(parts[index + 1]) if index + 1 < len(parts) else []
-            good = [(item, out) for item, out in zip(part, loaded, strict=True) if not isinstance(out, str)]
-            results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
-            loaded, good, results = _fail_non_finite(part, loaded, good, results)
-            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(part)
-            if not _store_part(batch, lease, part, loaded, good, results, per_image_ms):
-                for future in upcoming:
-                    future.cancel()
-                return False
-            if index + 1 < len(parts):  # after the last one, the task's end notifies (the batch may be done by then)
-                notify(PROGRESS)
+    upcoming = decode(parts[0]) if parts else []
+    for index, part in enumerate(parts):
+        if stopping.is_set():
+            for future in upcoming:
+                future.cancel()
+            raise _Stop
+        started = time.perf_counter()
+        loaded = [future.result() for future in upcoming]
+        # The next sub-batch decodes on the pool while this one is classified and stored.
+        upcoming = decode(parts[index + 1]) if index + 1 < len(parts) else []
+        good = [(item, out) for item, out in zip(part, loaded, strict=True) if not isinstance(out, str)]
+        results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
+        loaded, good, results = _fail_non_finite(part, loaded, good, results)
+        per_image_ms = (time.perf_counter() - started) * 1000.0 / len(part)
+        if not _store_part(batch, lease, part, loaded, good, results, per_image_ms):
+            for future in upcoming:
+                future.cancel()
+            return False
+        if index + 1 < len(parts):  # after the last one, the task's end notifies (the batch may be done by then)
+            notify(PROGRESS)
     return True
 
 
