@@ -485,8 +485,9 @@ def test_an_empty_file_is_refused(tmp_path, no_loader):
 # --- the loader process's limits ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to list child processes")
 def test_a_load_that_hangs_is_stopped_and_its_process_is_gone(files):
+    if not Path("/proc/self/status").exists():
+        unavailable("needs Linux /proc to list child processes")
     before = _loader_children()
     started = time.monotonic()
     with pytest.raises(ModelRejected, match=r"Loading the model took longer than 3 s"):

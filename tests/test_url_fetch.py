@@ -23,6 +23,7 @@ import urllib3.util.connection
 from PIL import Image
 
 from classifier.fetch import UrlRefused, fetch_image_bytes
+from tests.conftest import unavailable
 
 HUGE = 5 * 1024 * 1024
 SMALL_CAP = 64 * 1024
@@ -526,7 +527,7 @@ def test_empty_body_is_refused(server):
 def tls_server(tmp_path_factory):
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl command is needed to make a throw-away certificate")
+        unavailable("the openssl command is needed to make a throw-away certificate")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=cdn.test"
