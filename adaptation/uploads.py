@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
-from reports.submission import batch_limits
+from reports.submission import batch_limits, checked_upload
 from reports.uploads import UploadRefused, expand_uploads
-from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
+from wbc_ml.preprocessing import sniff_image_type
 
 from .cells import UPLOAD, LabelledCell
 
@@ -40,24 +39,13 @@ def checked_entries(uploaded, class_names: list[str]) -> list[tuple[str, str, by
     """(class, entry name, bytes) of every image of the archive; raises :class:`UploadRefused` with every problem."""
     entries = expand_uploads([uploaded], batch_limits())
     problems, accepted = [], []
-    for entry in entries:
+    for entry in map(checked_upload, entries):  # each image decoded like a batch's, within the same limits
         if entry.error or entry.data is None:
             problems.append(entry.error or f"{entry.name}: not read")
             continue
         class_name = _class_of(entry.name, class_names)
         if class_name is None:
             problems.append(f"{entry.name}: not in a folder named after a class ({', '.join(class_names)})")
-            continue
-        try:
-            decode_image(
-                entry.data,
-                name=entry.name,
-                max_bytes=settings.WBC_MAX_IMAGE_BYTES,
-                max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
-                reduced=True,
-            )
-        except ImageRejected as exc:
-            problems.append(str(exc))
             continue
         accepted.append((class_name, entry.name, entry.data))
     if problems:

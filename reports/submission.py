@@ -65,7 +65,7 @@ def url_entries(urls: list[str], *, name_by_url: bool = False) -> list[UrlEntry]
     return entries
 
 
-def _validate(entry: NamedBytes | UrlEntry) -> NamedBytes | UrlEntry:
+def checked_upload(entry: NamedBytes | UrlEntry) -> NamedBytes | UrlEntry:
     """Check an upload like a single image (the whole stream decoded), keeping its bytes when it is good."""
     if isinstance(entry, UrlEntry) or entry.data is None:
         return entry
@@ -103,7 +103,7 @@ def submit_batch(
 
     def check_and_store(position: int, entry: NamedBytes | UrlEntry) -> tuple[NamedBytes | UrlEntry, str]:
         """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
-        entry = _validate(entry)
+        entry = checked_upload(entry)
         if isinstance(entry, UrlEntry) or entry.data is None:
             return entry, ""
         suffix = ".png" if sniff_image_type(entry.data) == "PNG" else ".jpg"
