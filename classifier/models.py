@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import models
 
 from accounts.models import Laboratory
+from wbc_ml import turns
 from wbc_ml.inference import ModelSpec
 from wbc_ml.review_flag import needs_review
 
@@ -126,6 +127,7 @@ class ClassifierModel(models.Model):
             ood_sha256=self.ood_sha256 or None,
             onnx_sha256=self.onnx_sha256 or None,
             allow_keras_fallback=self.is_bundled,  # a lab's upload: ONNX only, never Keras in the web process
+            quarter_turns=int(self.card.get(turns.CARD_KEY, 1)),
         )
 
 

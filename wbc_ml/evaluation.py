@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from . import datasets
+from . import datasets, turns
 from .adaptation.cells import unseen
 from .inference import has_feature_layer
 from .metrics import MetricsReport, apply_temperature, classification_report
@@ -38,14 +39,23 @@ def load_card(model_path: Path) -> dict:
 
 
 def review_predictions(
-    model, x: np.ndarray, normalization: Normalization, temperature: float, detector: OodDetector | None
+    model,
+    x: np.ndarray,
+    normalization: Normalization,
+    temperature: float,
+    detector: OodDetector | None,
+    quarter_turns: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(calibrated probabilities, detector outlier flags) of images, computed as the web app serves them."""
+    """(calibrated probabilities, detector outlier flags) of images, computed as the web app serves them: the
+    probabilities averaged over ``quarter_turns`` quarter turns, the detectors on the image as it is."""
     if detector is None or not has_feature_layer(model):
-        probs = apply_temperature(predict_in_batches(model, x, normalization), temperature)
-        return probs, np.zeros(len(x), bool)
-    features, raw = features_and_probs(model, x, normalization)
-    return apply_temperature(raw, temperature), detector.is_outlier(features)
+        raw, outliers = predict_in_batches(model, x, normalization), np.zeros(len(x), bool)
+    else:
+        features, raw = features_and_probs(model, x, normalization)
+        outliers = detector.is_outlier(features)
+    predict = partial(predict_in_batches, model, normalization=normalization)
+    raw = turns.averaged_over_turns(raw, predict, x, quarter_turns)
+    return apply_temperature(raw, temperature), outliers
 
 
 def review_report(
@@ -106,7 +116,9 @@ def evaluate_on_samples(
     model = keras.models.load_model(model_path, compile=False)
     detector = OodDetector.load(ood_path) if ood_path else None
     normalization = Normalization.from_dict(card["normalization"])
-    probs, outliers = review_predictions(model, x, normalization, float(card.get("temperature", 1.0)), detector)
+    probs, outliers = review_predictions(
+        model, x, normalization, float(card.get("temperature", 1.0)), detector, int(card.get(turns.CARD_KEY, 1))
+    )
     report = review_report(y, probs, outliers, class_names, threshold)
     return {
         "n": report["n"],

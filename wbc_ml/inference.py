@@ -21,6 +21,7 @@ from .checksums import file_sha256
 from .metrics import apply_temperature
 from .ood import OodDetector
 from .preprocessing import ImageRejected, Normalization
+from .turns import averaged_over_turns
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class ModelSpec:
     # load the Keras model here. False for a lab's upload: it is never loaded with Keras in this process, so
     # it is served by its checked ONNX copy or not at all (saliency maps are made in a sandboxed child).
     allow_keras_fallback: bool = True
+    # Classify each image as the average of its first ``quarter_turns`` quarter turns (a lab's adapted model whose
+    # cross-validation chose it; see wbc_ml.turns). The detectors and Grad-CAM see the image as it is.
+    quarter_turns: int = 1
 
 
 @dataclass(frozen=True)
@@ -373,9 +377,14 @@ class Classifier:
         """Like :meth:`predict`, but an image whose output is not finite gets the reason (a str) instead."""
         results: list[Result | str] = []
         for start in range(0, len(pixels), batch_size):
+            batch = pixels[start : start + batch_size]
             with np.errstate(over="ignore", invalid="ignore"):  # infinities are caught just below
-                out = self.backend.run_all(self.prepare(pixels[start : start + batch_size]))
-                probs, features = apply_temperature(out.probabilities, self.spec.temperature), out.features
+                out = self.backend.run_all(self.prepare(batch))
+                raw = averaged_over_turns(
+                    out.probabilities, lambda turned: self.backend.run(self.prepare(turned))[0], batch,
+                    self.spec.quarter_turns,
+                )  # fmt: skip
+                probs, features = apply_temperature(raw, self.spec.temperature), out.features
             use_ood = self.ood is not None and features is not None
             finite = np.isfinite(probs).all(axis=1)
             if use_ood:  # the detectors see only finite features, and their score must be finite too

@@ -55,10 +55,14 @@ def _binary(coef: np.ndarray) -> np.ndarray:
     return np.concatenate([-coef / 2, coef / 2])
 
 
-def cross_validate(pooled: np.ndarray, labels: np.ndarray, splits: list, c: float, n_classes: int) -> np.ndarray:
-    """Out-of-fold probabilities of the original view (view 0) of each cell."""
-    oof = np.zeros((len(labels), n_classes))
+def cross_validate(
+    pooled: np.ndarray, labels: np.ndarray, splits: list, c: float, n_classes: int, served: dict[int, list[int]]
+) -> dict[int, np.ndarray]:
+    """Out-of-fold probabilities of each cell for each way of serving the head: ``served`` maps a key (the number
+    of quarter turns) to the views whose probabilities are averaged (``[0]``: the image as it is)."""
+    oof = {key: np.zeros((len(labels), n_classes)) for key in served}
     for train, val in splits:
         head = LinearHead(c, n_classes).fit(pooled[train], labels[train])
-        oof[val] = head.predict_proba(pooled[val, 0])
+        for key, views in served.items():
+            oof[key][val] = np.mean([head.predict_proba(pooled[val, v]) for v in views], axis=0)
     return oof

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .. import datasets
+from .. import datasets, turns
 from ..checksums import file_sha256
 from ..training.cards import hardware, versions
 from ..training.config import Log
@@ -25,10 +25,11 @@ NON_WBC_PER_KIND = 50
 METHOD_TEXT = {
     "bn": "BatchNormalization statistics re-estimated on the lab's adaptation cells (label-free); head unchanged",
     "head": "a new class-balanced logistic-regression head (softmax Dense on the 'gap' features) fitted on the "
-    "pooled features of the original and augmented views of each cell",
+    "pooled features of the flips and quarter turns of each cell (served on the image alone or averaged over its "
+    "quarter turns: the card's quarter_turns)",
     "finetune": "BatchNormalization re-estimated on the lab's cells, then the last block (frozen BatchNormalization) "
     "and a new head (started from the logistic-regression head) trained on cached trunk activations of the "
-    "original and augmented views of each cell, class-balanced, Adam",
+    "flips and quarter turns of each cell, class-balanced, Adam",
 }
 
 
@@ -112,6 +113,7 @@ def write_adapted(
         "normalization": base_card["normalization"],
         "class_names": class_names,
         "temperature": round(adapted.temperature, 4),
+        turns.CARD_KEY: int(candidate.params.get("quarter_turns", 1)),
         "parameters": int(served.count_params()),
         "metrics": {"cross_validation": _cv_entry(candidate)},
         "calibration": {
@@ -150,6 +152,7 @@ def write_adapted(
             "config": {
                 "methods": list(config.methods),
                 "views": config.views,
+                "quarter_turns": list(config.quarter_turns),
                 "c_grid": list(config.c_grid),
                 "poolings": list(config.poolings),
                 "learning_rates": list(config.learning_rates),

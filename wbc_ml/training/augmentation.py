@@ -45,9 +45,3 @@ class AugmentedBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.x))
-
-
-def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips and quarter turns of a batch of NxHxWx3 images (a smear has no up or left)."""
-    turns = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
-    return [np.ascontiguousarray(v) for t in turns for v in (t, t[:, :, ::-1])]

@@ -11,7 +11,7 @@ from ..checksums import file_sha256
 from ..metrics import apply_temperature, wilson
 from ..ood import ALPHA, ENSEMBLE_SEEDS, HIDDEN_UNITS, NonWbcParts, OodDetector, fit_ood, split_non_wbc
 from ..review_flag import DEFAULT_THRESHOLD
-from .augmentation import dihedral_views
+from ..turns import symmetries
 from .common import features_and_probs
 
 
@@ -30,7 +30,7 @@ def features_of_paths(model, normalization, paths: list[Path], size, dihedral: b
         return None
     x, _ = datasets.load_arrays([datasets.Sample(p, -1) for p in paths], size)
     if dihedral:
-        x = np.concatenate(dihedral_views(x))  # rows view by view; one pass through one serving model
+        x = np.concatenate(symmetries(x))  # rows view by view; one pass through one serving model
     return features_and_probs(model, x, normalization)[0]
 
 
