@@ -115,17 +115,20 @@ def count_in_window(cache: BaseCache, key: str, seconds: int, now: float | None 
     now = time.time() if now is None else now
     window = int(now // seconds)
     window_key = f"{key}:{seconds}:{window}"
+    # The key outlives its window by a minute, so it cannot expire between the add and the incr.
     if isinstance(cache, AtomicDatabaseCache):
-        return WindowCount(count=cache.count(window_key, seconds + 60), retry_after=(window + 1) * seconds - now)
-    # The key outlives its window by a minute, so it cannot expire between the add and the incr; a cache
-    # that dropped it anyway (culled) gets one more try.
+        count = cache.count(window_key, seconds + 60)
+    else:
+        count = _add_then_incr(cache, window_key, seconds + 60)
+    return WindowCount(count=count, retry_after=(window + 1) * seconds - now)
+
+
+def _add_then_incr(cache: BaseCache, key: str, timeout: int) -> int:
+    """Redis (and any other cache): ``add`` then an atomic ``incr``; a key dropped anyway (culled) gets one more try."""
     for _attempt in range(2):
-        cache.add(window_key, 0, timeout=seconds + 60)
+        cache.add(key, 0, timeout=timeout)
         try:
-            count = cache.incr(window_key)
-            break
+            return cache.incr(key)
         except ValueError:
             continue
-    else:
-        raise RuntimeError(f"the counter cache keeps losing {window_key!r}")
-    return WindowCount(count=count, retry_after=(window + 1) * seconds - now)
+    raise RuntimeError(f"the counter cache keeps losing {key!r}")
