@@ -157,7 +157,7 @@ def measure(session, base: str, model_id: int, images: list[tuple[str, bytes]], 
         assert response.status_code == 201, response.text[:300]
         overlay = session.get(response.json()["saliency"]["gradcam"])
         done = time.perf_counter()
-        assert overlay.status_code == 200 and overlay.headers["Content-Type"] == "image/jpeg", overlay.text[:300]
+        assert overlay.status_code == 200 and overlay.headers["Content-Type"] == "image/webp", overlay.text[:300]
         alone_started = time.perf_counter()
         alone = session.post(
             f"{base}/api/v1/predictions/", files={"file": (name, data, "image/jpeg")}, data={"model": model_id}

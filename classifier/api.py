@@ -27,7 +27,6 @@ from wbc_ml.preprocessing import ZIP_SIGNATURE, ImageRejected, sniff_image_type
 from wbcsite.api_base import (
     MB,
     UUID_PATTERN,
-    JPEGRenderer,
     LabApiMixin,
     PNGRenderer,
     WebPRenderer,
@@ -210,17 +209,16 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
         return Response(body, status=status.HTTP_201_CREATED, headers={"Location": body["url"]})
 
     @extend_schema(
-        summary="The saliency map of a prediction (JPEG; maps stored before stay WebP or PNG)",
+        summary="The saliency map of a prediction (WebP; maps stored before WebP stay PNG)",
         parameters=[SaliencyQuerySerializer],
         responses={
-            (200, "image/jpeg"): OpenApiResponse(OpenApiTypes.BINARY, description="the overlay, made on first request"),
-            (200, "image/webp"): OpenApiResponse(OpenApiTypes.BINARY, description="an overlay stored as WebP"),
-            (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="an overlay stored as PNG"),
+            (200, "image/webp"): OpenApiResponse(OpenApiTypes.BINARY, description="the overlay, made on first request"),
+            (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="an overlay stored before WebP"),
             503: error_response("The model cannot be loaded right now."),
         },
         tags=["predictions"],
     )
-    @action(detail=True, methods=["get"], renderer_classes=[JPEGRenderer, WebPRenderer, PNGRenderer, JSONRenderer])
+    @action(detail=True, methods=["get"], renderer_classes=[WebPRenderer, PNGRenderer, JSONRenderer])
     def saliency(self, request, uid=None):
         prediction = self.get_object()
         method = validated_query(SaliencyQuerySerializer, request)["method"]

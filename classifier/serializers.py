@@ -204,7 +204,7 @@ class PredictionSerializer(serializers.ModelSerializer):
     needs_review = serializers.SerializerMethodField()
     model = serializers.SerializerMethodField()
     normalization = serializers.SerializerMethodField(help_text="the normalisation applied")
-    saliency = serializers.SerializerMethodField(help_text="JPEG overlays (made on first request)")
+    saliency = serializers.SerializerMethodField(help_text="WebP overlays (made on first request)")
     batch = serializers.SerializerMethodField(help_text="the batch this image belongs to, if any")
 
     class Meta:

@@ -127,7 +127,7 @@ def remember_model(user, model_record: ClassifierModel) -> None:
 
 
 def ensure_saliency(prediction: Prediction, method: str):
-    """The stored saliency overlay (JPEG) for ``method``, made on first request and kept.
+    """The stored saliency overlay (WebP) for ``method``, made on first request and kept.
 
     Made in this process only without loading TensorFlow for it (:func:`_heatmap_here`); otherwise by TensorFlow in a
     sandboxed child (:mod:`wbc_ml.saliency_child`): the input-gradient map, and Grad-CAM of a model whose ONNX copy
@@ -188,7 +188,7 @@ def _gradcam_cache_key(uid) -> str:
 
 
 def saliency_content_type(field) -> str:
-    """The Content-Type of a stored overlay (JPEG, or WebP or PNG for maps stored before)."""
+    """The Content-Type of a stored overlay (WebP, or PNG for maps stored before WebP)."""
     return saliency.content_type(field.name)
 
 

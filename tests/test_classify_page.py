@@ -46,7 +46,7 @@ def test_upload_is_classified_stored_and_shown(tech_client, tiny_record, technol
 def test_saliency_overlay_is_made_once_and_kept(tech_client, prediction):
     url = reverse("classifier:saliency", args=[prediction.uid, "gradcam"])
     first = tech_client.get(url)
-    assert first.status_code == 200 and first["Content-Type"] == "image/jpeg"
+    assert first.status_code == 200 and first["Content-Type"] == "image/webp"
     png = b"".join(first.streaming_content)
     assert Image.open(io.BytesIO(png)).size == (prediction.width, prediction.height)
     prediction.refresh_from_db()

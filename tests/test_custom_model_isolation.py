@@ -132,9 +132,9 @@ def test_a_custom_model_classifies_and_gets_both_saliency_maps_without_keras_in_
     for method in ("gradcam", "gradient"):
         response = admin_client.get(reverse("classifier:saliency", args=[prediction.uid, method]))
         assert response.status_code == 200, response.content[-1000:]
-        assert response["Content-Type"] == "image/jpeg"
+        assert response["Content-Type"] == "image/webp"
         overlay = Image.open(io.BytesIO(b"".join(response.streaming_content)))
-        assert overlay.format == "JPEG" and overlay.size == original.size
+        assert overlay.format == "WEBP" and overlay.size == original.size
         maps[method] = np.asarray(overlay.convert("RGB"), np.int16)
         assert np.abs(maps[method] - np.asarray(original, np.int16)).mean() > 5  # a heatmap was blended in
     assert np.abs(maps["gradcam"] - maps["gradient"]).mean() > 1  # two different maps

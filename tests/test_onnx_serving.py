@@ -106,7 +106,7 @@ def test_a_copy_exported_before_maps_still_serves_its_saliency_comes_from_tensor
 
     prediction = classify_image(technologist, UploadedImage("cell.png", image_bytes(size=(50, 40))), tiny_record)
     field = ensure_saliency(prediction, "gradcam")  # not served by TensorFlow here: the sandboxed child makes it
-    assert field.name.endswith(".jpg")
+    assert field.name.endswith(".webp")
 
     ensure_onnx(tiny_record)
     tiny_record.refresh_from_db()

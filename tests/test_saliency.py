@@ -36,14 +36,13 @@ def test_input_gradient_has_input_shape_and_structure(tiny_record):
     assert np.isfinite(heatmap).all() and heatmap.std() > 0.01
 
 
-def test_overlay_is_a_jpeg_at_the_original_size():
+def test_overlay_is_a_webp_at_the_original_size():
     image = decode_image(image_bytes(size=(80, 60)))
     picture = saliency.overlay(image, np.linspace(0, 1, 64).reshape(8, 8))
     decoded = Image.open(io.BytesIO(picture))
-    assert decoded.format == "JPEG" and decoded.size == (80, 60)
-    assert saliency.content_type("saliency/1/x-gradcam.jpg") == "image/jpeg"
-    assert saliency.content_type("saliency/1/x-gradcam.webp") == "image/webp"  # maps stored before JPEG
-    assert saliency.content_type("saliency/1/x-gradcam.PNG") == "image/png"  # and before WebP
+    assert decoded.format == "WEBP" and decoded.size == (80, 60)
+    assert saliency.content_type("saliency/1/x-gradcam.webp") == "image/webp"
+    assert saliency.content_type("saliency/1/x-gradcam.png") == "image/png"  # maps stored before WebP
     # the colour map changes pixels: the overlay is not the original image
     assert np.abs(np.asarray(decoded, np.int16) - np.asarray(image, np.int16)).mean() > 5
 
@@ -55,7 +54,7 @@ def test_overlay_blends_the_colour_map_of_the_heatmap_over_the_image():
     decoded = np.asarray(Image.open(io.BytesIO(saliency.overlay(image, heatmap))).convert("RGB"), np.float64)
     values = Image.fromarray((heatmap * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
     expected = 0.55 * np.asarray(image, np.float64) + 0.45 * saliency._colour_table()[np.asarray(values)]
-    assert np.abs(decoded - expected).mean() < 4  # JPEG is lossy; a wrong colour (e.g. grey) is off by far more
+    assert np.abs(decoded - expected).mean() < 4  # WebP is lossy; a wrong colour (e.g. grey) is off by far more
     wrong = 0.55 * np.asarray(image, np.float64) + 0.45 * np.asarray(values, np.float64)[..., None]
     assert np.abs(decoded - wrong).mean() > 20
 

@@ -49,7 +49,7 @@ for method in methods:
     report["maps"][method] = {
         "status": response.status_code,
         "content_type": response.get("Content-Type"),
-        "jpeg": content[:3] == b"\xff\xd8\xff",
+        "webp": content[:4] == b"RIFF" and content[8:12] == b"WEBP",
         "processes_started": len(started) - before,
     }
 report["tensorflow"] = "tensorflow" in sys.modules
@@ -81,7 +81,7 @@ def _web_process(settings, tmp_path, username: str, model_id: int, methods: str)
 def _assert_gradcam_from_onnx(report: dict) -> None:
     assert report["classify"] == 201, report
     gradcam = report["maps"]["gradcam"]
-    assert gradcam == {"status": 200, "content_type": "image/jpeg", "jpeg": True, "processes_started": 0}
+    assert gradcam == {"status": 200, "content_type": "image/webp", "webp": True, "processes_started": 0}
     assert report["tensorflow"] is False and report["keras"] is False
 
 
@@ -104,4 +104,4 @@ def test_the_web_process_serves_the_bundled_cnn_without_tensorflow_and_its_gradi
     report = _web_process(settings, tmp_path, technologist.username, record.pk, "gradcam,gradient")
     _assert_gradcam_from_onnx(report)
     gradient = report["maps"]["gradient"]
-    assert gradient["status"] == 200 and gradient["jpeg"] and gradient["processes_started"] >= 1  # the child
+    assert gradient["status"] == 200 and gradient["webp"] and gradient["processes_started"] >= 1  # the child

@@ -50,7 +50,7 @@ def saliency_in_sandbox(
     timeout_s: float = TIMEOUT_S,
     memory_limit_mb: int = MEMORY_LIMIT_MB,
 ) -> bytes:
-    """The overlay (JPEG bytes) of ``method`` for ``image`` (the stored cell image's bytes), made by the child.
+    """The overlay (WebP bytes) of ``method`` for ``image`` (the stored cell image's bytes), made by the child.
 
     Raises :class:`wbc_ml.inference.ModelUnavailable` with a plain reason when the child refuses the model file
     (missing, or its sha256 is not the registered one), fails, runs out of time or crashes.

@@ -45,15 +45,8 @@ class PNGRenderer(BaseRenderer):
         return data
 
 
-class JPEGRenderer(PNGRenderer):
-    """Saliency overlays are JPEG (older stored ones WebP or PNG): a client that accepts only image/jpeg is served."""
-
-    media_type = "image/jpeg"
-    format = "jpeg"
-
-
 class WebPRenderer(PNGRenderer):
-    """Overlays stored as WebP (before JPEG): a client that accepts only image/webp is served too."""
+    """Saliency overlays are WebP (older stored ones PNG): a client that accepts only image/webp is served too."""
 
     media_type = "image/webp"
     format = "webp"
