@@ -5,7 +5,9 @@ two gunicorn workers) read the same count and both pass. :class:`AtomicDatabaseC
 write in one transaction that holds the row (``SELECT … FOR UPDATE`` on PostgreSQL; on SQLite the transaction
 starts ``IMMEDIATE``, which takes the write lock first). Redis (``RedisCache``) increments atomically itself.
 
-:func:`count_in_window` is the one fixed-window counter every limit uses (API throttles, log-in attempts).
+:func:`count_in_window` is the one fixed-window counter every limit uses (API throttles, log-in attempts). On the
+database it is one short transaction per request (:meth:`AtomicDatabaseCache.count`), not Django's ``add`` (which
+counts the whole table for culling and fails an INSERT on every request but the first) followed by ``incr``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import base64
 import pickle
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.core.cache import BaseCache
 from django.core.cache.backends.db import DatabaseCache
-from django.db import connections, router, transaction
+from django.db import DatabaseError, IntegrityError, connections, router, transaction
 
 
 class AtomicDatabaseCache(DatabaseCache):
-    """The database cache with an ``incr`` that parallel callers cannot interleave."""
+    """The database cache with an ``incr`` (and a :meth:`count`) that parallel callers cannot interleave."""
 
     def incr(self, key, delta: int = 1, version=None) -> int:
         db_key = self.make_and_validate_key(key, version=version)
@@ -38,12 +41,67 @@ class AtomicDatabaseCache(DatabaseCache):
             if value is None:  # expired
                 raise ValueError(f"Key '{key}' not found")
             value += delta
-            encoded = base64.b64encode(pickle.dumps(value, self.pickle_protocol)).decode("latin1")
             cursor.execute(
                 f"UPDATE {table} SET {quote('value')} = %s WHERE {quote('cache_key')} = %s",  # noqa: S608
-                [encoded, db_key],
+                [self._encoded(value), db_key],
             )
         return value
+
+    def count(self, key, timeout: int, version=None) -> int:
+        """One more for the counter ``key``, in one transaction: 1 (kept ``timeout`` seconds) when it is missing or
+        expired, else its value plus one. Returns the new value; :meth:`get` reads it like any cached value.
+
+        When a counter starts, expired ones are deleted (Django's cache culls only above MAX_ENTRIES, which for
+        counters kept far away means a table that only grows), in a separate step that may fail harmlessly.
+        """
+        db_key = self.make_and_validate_key(key, version=version)
+        db = router.db_for_write(self.cache_model_class)
+        connection = connections[db]
+        quote = connection.ops.quote_name
+        table, key_column, value_column = quote(self._table), quote("cache_key"), quote("value")
+        expires_column = quote("expires")
+        now = datetime.now(UTC).replace(microsecond=0)
+        expires = datetime.fromtimestamp(self.get_backend_timeout(timeout), tz=UTC).replace(microsecond=0)
+        now_db, expires_db = (connection.ops.adapt_datetimefield_value(moment) for moment in (now, expires))
+        lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+        for _attempt in range(3):  # PostgreSQL: a parallel request may insert the same new counter first
+            try:
+                with transaction.atomic(using=db), connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SELECT {value_column} FROM {table} WHERE {key_column} = %s AND {expires_column} >= %s{lock}",  # noqa: S608
+                        [db_key, now_db],
+                    )
+                    row = cursor.fetchone()
+                    if row is not None:
+                        value = pickle.loads(base64.b64decode(row[0].encode())) + 1  # noqa: S301 (our own rows)
+                        cursor.execute(
+                            f"UPDATE {table} SET {value_column} = %s WHERE {key_column} = %s",  # noqa: S608
+                            [self._encoded(value), db_key],
+                        )
+                        return value
+                    cursor.execute(  # an expired counter of this key; a live one inserted meanwhile stays
+                        f"DELETE FROM {table} WHERE {key_column} = %s AND {expires_column} < %s",  # noqa: S608
+                        [db_key, now_db],
+                    )
+                    cursor.execute(
+                        f"INSERT INTO {table} ({key_column}, {value_column}, {expires_column}) VALUES (%s, %s, %s)",  # noqa: S608
+                        [db_key, self._encoded(1), expires_db],
+                    )
+                break
+            except IntegrityError:
+                continue
+        else:
+            raise RuntimeError(f"the counter {key!r} could not be started")
+        try:
+            with transaction.atomic(using=db), connection.cursor() as cursor:
+                cursor.execute(f"DELETE FROM {table} WHERE {expires_column} < %s", [now_db])  # noqa: S608
+        except DatabaseError:  # e.g. two culls deadlocked on PostgreSQL: the next counter to start culls again
+            pass
+        return 1
+
+    def _encoded(self, value: int) -> str:
+        """A value as DatabaseCache stores it: base64 of its pickle."""
+        return base64.b64encode(pickle.dumps(value, self.pickle_protocol)).decode("latin1")
 
 
 @dataclass(frozen=True)
@@ -57,15 +115,20 @@ def count_in_window(cache: BaseCache, key: str, seconds: int, now: float | None 
     now = time.time() if now is None else now
     window = int(now // seconds)
     window_key = f"{key}:{seconds}:{window}"
-    # The key outlives its window by a minute, so it cannot expire between the add and the incr; a cache
-    # that dropped it anyway (culled) gets one more try.
+    # The key outlives its window by a minute, so it cannot expire between the add and the incr.
+    if isinstance(cache, AtomicDatabaseCache):
+        count = cache.count(window_key, seconds + 60)
+    else:
+        count = _add_then_incr(cache, window_key, seconds + 60)
+    return WindowCount(count=count, retry_after=(window + 1) * seconds - now)
+
+
+def _add_then_incr(cache: BaseCache, key: str, timeout: int) -> int:
+    """Redis (and any other cache): ``add`` then an atomic ``incr``; a key dropped anyway (culled) gets one more try."""
     for _attempt in range(2):
-        cache.add(window_key, 0, timeout=seconds + 60)
+        cache.add(key, 0, timeout=timeout)
         try:
-            count = cache.incr(window_key)
-            break
+            return cache.incr(key)
         except ValueError:
             continue
-    else:
-        raise RuntimeError(f"the counter cache keeps losing {window_key!r}")
-    return WindowCount(count=count, retry_after=(window + 1) * seconds - now)
+    raise RuntimeError(f"the counter cache keeps losing {key!r}")

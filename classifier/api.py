@@ -157,9 +157,10 @@ class PredictionViewSet(LabApiMixin, mixins.ListModelMixin, mixins.RetrieveModel
     submit_actions = frozenset({"create"})
 
     def get_queryset(self):
-        return scoped(Prediction.objects.select_related("model", "batch_item__batch"), self.request.user).order_by(
-            "-created_at", "-id"
-        )
+        predictions = Prediction.objects.with_model()
+        if self.action != "saliency":  # a map needs the prediction and its model only
+            predictions = predictions.select_related("batch_item__batch")
+        return scoped(predictions, self.request.user).order_by("-created_at", "-id")
 
     def get_object(self):
         return get_scoped_or_404(self.get_queryset(), self.request.user, uid=self.kwargs["uid"])

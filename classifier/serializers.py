@@ -89,7 +89,9 @@ class ScopedModelField(serializers.PrimaryKeyRelatedField):
     def get_queryset(self):
         request = self.context.get("request")
         user = getattr(request, "user", None)
-        return scoped(ClassifierModel.objects.usable(), user) if user is not None else ClassifierModel.objects.none()
+        if user is None:
+            return ClassifierModel.objects.none()
+        return scoped(ClassifierModel.objects.usable().defer("card"), user)  # the card: see Prediction.with_model
 
 
 class ModelRefSerializer(serializers.Serializer):

@@ -122,7 +122,7 @@ def prediction_image(request: HttpRequest, uid) -> FileResponse:
 
 
 def prediction_saliency(request: HttpRequest, uid, method: str) -> HttpResponse:
-    prediction = get_scoped_or_404(Prediction.objects.select_related("model"), request.user, uid=uid)
+    prediction = get_scoped_or_404(Prediction.objects.with_model(), request.user, uid=uid)
     if method not in SALIENCY_LABELS:
         raise Http404("Unknown saliency method.")
     try:

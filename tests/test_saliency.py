@@ -47,6 +47,18 @@ def test_overlay_is_a_webp_at_the_original_size():
     assert np.abs(np.asarray(decoded, np.int16) - np.asarray(image, np.int16)).mean() > 5
 
 
+def test_overlay_blends_the_colour_map_of_the_heatmap_over_the_image():
+    """Each pixel is 0.55 image + 0.45 the colour map's colour at the (bilinearly enlarged) heatmap's value."""
+    image = decode_image(image_bytes(size=(96, 80)))
+    heatmap = np.linspace(0, 1, 48).reshape(6, 8)
+    decoded = np.asarray(Image.open(io.BytesIO(saliency.overlay(image, heatmap))).convert("RGB"), np.float64)
+    values = Image.fromarray((heatmap * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    expected = 0.55 * np.asarray(image, np.float64) + 0.45 * saliency._colour_table()[np.asarray(values)]
+    assert np.abs(decoded - expected).mean() < 4  # WebP is lossy; a wrong colour (e.g. grey) is off by far more
+    wrong = 0.55 * np.asarray(image, np.float64) + 0.45 * np.asarray(values, np.float64)[..., None]
+    assert np.abs(decoded - wrong).mean() > 20
+
+
 def test_gradcam_reads_the_pooled_feature_map_and_the_pre_softmax_score(tmp_path):
     """With global average pooling and a softmax Dense head, Grad-CAM of the class score is exactly CAM
     (Zhou et al. 2016): relu(sum_k A_k w_kc) on the feature map the pooling reads, even for a confident model."""

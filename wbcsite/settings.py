@@ -158,13 +158,14 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # WAL lets the worker write while the web process reads; a busy timeout rides out short locks.
+    # WAL lets the worker write while the web process reads; a busy timeout rides out short locks. Connections are
+    # kept between requests (CONN_MAX_AGE above) as on PostgreSQL: opening one and running these pragmas took
+    # ~1.5 ms of every API request.
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 
