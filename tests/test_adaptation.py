@@ -119,7 +119,7 @@ def test_the_new_head_learns_the_labs_classes(lab, tmp_path):
     base, folder = lab
     cells = choose_cells(datasets.list_images(folder), list(WBC_CLASSES), per_class=6, seed=0)
     out = tmp_path / "head.keras"
-    config = AdaptConfig(methods=("head",), views=2, c_grid=(1.0,), folds=3)
+    config = AdaptConfig(methods=("head",), c_grid=(1.0,), folds=3)
     card = adapt_model(base, cells, out, folder, config, log=lambda _: None)
     assert card["adaptation"]["method"] == "head"
     before = evaluate_saved_model(base, folder, "all")["accuracy"]

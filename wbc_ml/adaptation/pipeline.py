@@ -26,7 +26,7 @@ import numpy as np
 from ..metrics import apply_temperature, fit_temperature
 from ..ood import OodDetector
 from ..preprocessing import Normalization
-from ..training.augmentation import augment_batch
+from ..training.augmentation import augment_batch, jitter_colours
 from ..training.config import Log
 from ..turns import SYMMETRIES, symmetries, turn_views
 from .cv import MAX_FOLDS, folds, oof_summary
@@ -167,15 +167,17 @@ class Adaptation:
         return self.x.shape[1] == self.x.shape[2]
 
     def _views(self):
-        """The views of every cell, view 0 the image as it is: its flips and quarter turns when it is square (in
-        :func:`symmetries` order), else random augmentations."""
-        if self.square:
-            yield from symmetries(self.x)[: self.config.views]
-            return
+        """The views of every cell, view 0 the image as it is. A square image: its quarter turns (what serving may
+        average) and their mirror images with mild colour jitter, in :func:`symmetries` order; else random
+        augmentations."""
         rng = np.random.default_rng(self.config.seed)
-        yield self.x
-        for _ in range(self.config.views - 1):
-            yield augment_batch(self.x, rng)
+        if not self.square:
+            yield self.x
+            for _ in range(self.config.views - 1):
+                yield augment_batch(self.x, rng)
+            return
+        for v, view in enumerate(symmetries(self.x)[: self.config.views]):
+            yield view if v % 2 == 0 else np.stack([jitter_colours(image, rng) for image in view])
 
     def _turn_options(self) -> list[int]:
         """The quarter-turn averages a head may be served with: those whose turns are among the cached views."""

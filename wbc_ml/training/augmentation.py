@@ -18,12 +18,18 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             x = x[::-1]
         if square:
             x = np.rot90(x, k=int(rng.integers(4)))
-        mean = x.mean()
-        x = (x - mean) * rng.uniform(0.85, 1.15) + mean  # contrast
-        x = x * rng.uniform(0.9, 1.1)  # brightness
-        x = x * rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-channel stain gain
-        out[i] = np.clip(x, 0.0, 255.0)
+        out[i] = jitter_colours(x, rng)
     return out
+
+
+def jitter_colours(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One image (float32 or uint8 pixels) with mild random contrast, brightness and per-channel stain gain."""
+    x = image.astype(np.float32)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(0.85, 1.15) + mean  # contrast
+    x = x * rng.uniform(0.9, 1.1)  # brightness
+    x = x * rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-channel stain gain
+    return np.clip(x, 0.0, 255.0)
 
 
 class AugmentedBatches(keras.utils.PyDataset):
