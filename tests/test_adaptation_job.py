@@ -187,6 +187,8 @@ def test_a_lab_adapts_a_model_with_the_real_worker_compares_it_promotes_then_dis
 
     detail = admin_client.get(reverse("adaptation:job", args=[job.pk]))
     assert detail.status_code == 200 and b'id="comparison"' in detail.content and b"Promote" in detail.content
+    assert b'id="quarter-turns">as it is' in detail.content  # 2 views: no quarter turns to average
+    assert record.spec().quarter_turns == card["quarter_turns"] == 1
     assert admin_client.get(reverse("adaptation:job_card", args=[job.pk])).json()["sha256"] == record.sha256
 
     # Served like any lab model (ONNX, the refitted detectors): a cell classified with it gets a detector score.
