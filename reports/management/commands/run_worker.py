@@ -120,8 +120,6 @@ class Command(BaseCommand):
         parser.add_argument("--batch", action="store_true", help="process what is queued, then exit")
 
     def handle(self, *args, **options):
-        # First, before this process starts threads of its own: they inherit it.
-        lower_priority(settings.WBC_WORKER_NICE)
         # NumPy's BLAS (the non-WBC detectors) runs on one thread: the cores belong to ONNX Runtime and the
         # decoding pool, and two busy-waiting thread pools on the same cores slow both.
         threadpool_limits(1, user_api="blas")
@@ -153,6 +151,9 @@ class Command(BaseCommand):
             finally:
                 stopped(worker_id)
             return
+        # The long-running worker only (a --batch round may run inside another program, e.g. the tests), and before
+        # it starts threads of its own: they inherit it.
+        lower_priority(settings.WBC_WORKER_NICE)
         housekeeping = Housekeeping(worker_id, started_at)
         housekeeping.start()
         try:
