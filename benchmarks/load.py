@@ -6,9 +6,10 @@
 The stack (benchmarks/load_stack.py): a throw-away PostgreSQL database on the machine's server (created and
 dropped here), S3 from moto in server mode, gunicorn over HTTPS (a self-signed certificate made here) with --web
 gthread processes, and --workers background workers (each limited to --onnx-threads ONNX Runtime threads where the
-WBC_ONNX_THREADS setting exists). The bundled models are registered; a laboratory, one user and one API token per
-simulated user are made with the project's own models. The API rates are raised through WBC_API_RATE and
-WBC_API_SUBMIT_RATE (--api-rate); a 429 is counted all the same.
+WBC_ONNX_THREADS setting exists, and at the niceness WBC_WORKER_NICE gives them, 10 unless the environment says
+otherwise: web requests get the CPU first, as in a deployment). The bundled models are registered; a laboratory,
+one user and one API token per simulated user are made with the project's own models. The API rates are raised
+through WBC_API_RATE and WBC_API_SUBMIT_RATE (--api-rate); a 429 is counted all the same.
 
 Then --users clients each submit one batch of --images images through POST /api/v1/batches/ and poll it until it
 is finished, while a single-image client times POST /api/v1/predictions/ alongside. Images are real PBC JPEGs from
@@ -389,6 +390,7 @@ class Results:
     tally: Tally = field(default_factory=Tally)
     web_rss: dict[int, float] = field(default_factory=dict)
     worker_rss: dict[int, float] = field(default_factory=dict)
+    worker_niceness: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
 
 
@@ -467,6 +469,7 @@ def loaded_run(stack: Stack, args, model_id: int, clients, batch_images, single_
         finished = [run.finished_at for run in results.runs if run.finished_at is not None]
         results.load_seconds = (max(finished) if finished else time.perf_counter()) - started
         results.web_rss, results.worker_rss = rss.web, rss.workers
+        results.worker_niceness = {os.getpriority(os.PRIO_PROCESS, worker.pid) for worker in stack.workers}
         return singles
     finally:
         stop.set()
@@ -499,6 +502,7 @@ def report(args: argparse.Namespace, results: Results) -> bool:
     errors = s5xx + s429 + s4xx + transport + failed_images + unfinished
     submit_p95 = percentile(lat.get("submit", []), 95)
     threads = f"{args.onnx_threads} ONNX thread(s) each" if results.onnx_threads_setting else "ONNX threads NOT limited"
+    threads += f", niceness {'/'.join(str(n) for n in sorted(results.worker_niceness))}"
     print(
         f"\nLoad test: {args.users} users x {args.images} images ({results.source}), model {results.model}; "
         f"{args.web} web processes (gthread x{args.threads}, HTTPS), {args.workers} workers ({threads}); "

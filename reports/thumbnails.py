@@ -30,7 +30,9 @@ def make_thumbnail(image: Image.Image, size: int = THUMBNAIL_PX) -> bytes | None
     """A WebP of at most ``size`` px on the longer side; None (logged) if it cannot be encoded."""
     try:
         small = image.copy()
-        small.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        # reducing_gap=1.0: a fast box reduction by an integer factor, then bilinear over what is left; at gallery
+        # size it looks the same and costs half of what 2.0 costs (the worker makes one per cell).
+        small.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=1.0)
         buffer = io.BytesIO()
         small.save(buffer, format="WEBP", quality=WEBP_QUALITY, method=WEBP_METHOD)
     except (OSError, ValueError) as exc:

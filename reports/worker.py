@@ -26,7 +26,11 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
 import numpy as np
 from django.conf import settings
@@ -51,6 +55,7 @@ from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
 SUB_BATCH = 32  # images per ONNX Runtime call and per stored transaction
+FIRST_SUB_BATCH = 8  # the first sub-batch of a chunk is smaller, so inference starts after a few images are decoded
 DATABASE_DOWN = (OperationalError, InterfaceError)  # the database went away (restarted, network): not the chunk's fault
 RELEASE_TRIES = 8  # after a database outage, tries (with a growing pause, about a minute in all) to give a chunk back
 NOT_CLAIMED = "not claimed (finished, failed, or another worker holds it)"
@@ -255,41 +260,77 @@ def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int
     return resize(image, size), image.size, make_thumbnail(image)
 
 
+@cache
+def _inference_thread() -> ThreadPoolExecutor:
+    """One thread per process that classifies sub-batches (ONNX Runtime releases the GIL while it computes), so the
+    task's own thread stores one sub-batch while the next is classified: the cores never wait for the database."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-inference")
+
+
+def sub_batches(pending: list, size: int, first: int) -> list[list]:
+    """``pending`` in sub-batches of ``size``, the first of at most ``first`` (inference starts sooner)."""
+    head = min(first, size)
+    if not pending:
+        return []
+    return [pending[:head]] + [pending[start : start + size] for start in range(head, len(pending), size)]
+
+
+@dataclass(frozen=True)
+class _Classified:
+    loaded: list  # per item: (pixels, size, thumbnail) or why its stored file is unusable
+    good: list  # (item, loaded) of the images classified
+    results: list  # their results, in the same order
+    per_image_ms: float
+
+
+def _classify_part(part: list[BatchItem], decoding: list[Future], classifier) -> _Classified:
+    """Wait for the sub-batch's decoded images and classify them (on the inference thread: no database here)."""
+    started = time.perf_counter()
+    loaded = [future.result() for future in decoding]
+    good = [(item, out) for item, out in zip(part, loaded, strict=True) if not isinstance(out, str)]
+    results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
+    loaded, good, results = _fail_non_finite(part, loaded, good, results)
+    return _Classified(loaded, good, results, (time.perf_counter() - started) * 1000.0 / len(part))
+
+
 def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier) -> bool:
     """Classify the pending stored images among ``items`` in sub-batches; False when the lease was lost.
 
-    Raises :class:`_Stop` between sub-batches once the worker is asked to stop.
+    Raises :class:`_Stop` between sub-batches once the worker is asked to stop. Two sub-batches are in flight: while
+    this thread stores one, the inference thread classifies the next and the file pool decodes the one after.
+    Whatever is in flight when the chunk stops (lease lost, stop, error) is dropped unstored.
     """
     record = batch.model
     pending = list(
         items.filter(status=BatchItem.Status.PENDING, prediction__isnull=True).exclude(image="").order_by("position")
     )
-    parts = [pending[start : start + SUB_BATCH] for start in range(0, len(pending), SUB_BATCH)]
-    pool = file_pool()  # the next sub-batch decodes on it while this one is classified and stored
+    parts = sub_batches(pending, SUB_BATCH, FIRST_SUB_BATCH)
+    pool = file_pool()
 
-    def decode(part: list[BatchItem]) -> list:
-        return [pool.submit(_load, item, record.input_size) for item in part]
+    def start(part: list[BatchItem]) -> tuple[list[Future], Future]:
+        decoding = [pool.submit(_load, item, record.input_size) for item in part]
+        return decoding, _inference_thread().submit(_classify_part, part, decoding, classifier)
 
-    upcoming = decode(parts[0]) if parts else []
-    for index, part in enumerate(parts):
-        if stopping.is_set():
-            for future in upcoming:
+    in_flight = deque(start(part) for part in parts[:2])
+    try:
+        for index, part in enumerate(parts):
+            if stopping.is_set():
+                raise _Stop
+            classified = in_flight.popleft()[1].result()
+            if index + 2 < len(parts):
+                in_flight.append(start(parts[index + 2]))
+            stored = _store_part(
+                batch, lease, part, classified.loaded, classified.good, classified.results, classified.per_image_ms
+            )
+            if not stored:
+                return False
+            if index + 1 < len(parts):  # after the last one, the task's end notifies (the batch may be done by then)
+                notify(PROGRESS)
+    finally:
+        for decoding, classifying in in_flight:
+            classifying.cancel()
+            for future in decoding:
                 future.cancel()
-            raise _Stop
-        started = time.perf_counter()
-        loaded = [future.result() for future in upcoming]
-        # The next sub-batch decodes on the pool while this one is classified and stored.
-        upcoming = decode(parts[index + 1]) if index + 1 < len(parts) else []
-        good = [(item, out) for item, out in zip(part, loaded, strict=True) if not isinstance(out, str)]
-        results = classifier.predict_each(np.stack([pixels for _, (pixels, *_) in good])) if good else []
-        loaded, good, results = _fail_non_finite(part, loaded, good, results)
-        per_image_ms = (time.perf_counter() - started) * 1000.0 / len(part)
-        if not _store_part(batch, lease, part, loaded, good, results, per_image_ms):
-            for future in upcoming:
-                future.cancel()
-            return False
-        if index + 1 < len(parts):  # after the last one, the task's end notifies (the batch may be done by then)
-            notify(PROGRESS)
     return True
 
 

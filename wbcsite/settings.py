@@ -301,6 +301,9 @@ WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a chunk whose t
 WBC_CHUNK_SIZE = max(1, env_int("WBC_CHUNK_SIZE", 128))
 # ONNX Runtime threads per inference session in the worker (0: ONNX Runtime's default, one per core).
 WBC_ONNX_THREADS = max(0, env_int("WBC_ONNX_THREADS", 0))
+# The niceness the worker gives itself at start (0-19; 0 leaves it as started): on a host shared with web processes,
+# the requests people wait for get the CPU first and batches use what is left.
+WBC_WORKER_NICE = min(19, max(0, env_int("WBC_WORKER_NICE", 10)))
 # The worker writes a heartbeat every WBC_WORKER_HEARTBEAT_SECONDS; older than WBC_WORKER_STALE_SECONDS means "no
 # worker is running". It looks for batches left by a dead worker every WBC_WORKER_RECOVERY_SECONDS.
 WBC_WORKER_HEARTBEAT_SECONDS = env_int("WBC_WORKER_HEARTBEAT_SECONDS", 5)

@@ -1,4 +1,5 @@
 import logging
+import os
 import threading
 import time
 
@@ -17,6 +18,26 @@ from wbc_ml.inference import set_onnx_threads
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 10.0  # the longest pause between tries while the database is unreachable
+
+
+def lower_priority(niceness: int) -> int:
+    """Raise the niceness of every thread of this process to ``niceness`` (never lower it); returns the niceness.
+
+    On Linux niceness belongs to each thread and a new thread inherits its creator's, so every thread already
+    running (e.g. a BLAS pool started at import) is set too, and those started later (ONNX Runtime's, the file
+    pool's, housekeeping) follow. Elsewhere the process as a whole is set.
+    """
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]  # the process (or, on Linux without /proc, this thread)
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError as exc:  # the thread ended meanwhile, or a platform without it: a slower web, not an error
+            logger.debug("niceness of thread %s left as it is: %s", tid, exc)
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class Housekeeping(threading.Thread):
@@ -130,6 +151,9 @@ class Command(BaseCommand):
             finally:
                 stopped(worker_id)
             return
+        # The long-running worker only (a --batch round may run inside another program, e.g. the tests), and before
+        # it starts threads of its own: they inherit it.
+        lower_priority(settings.WBC_WORKER_NICE)
         housekeeping = Housekeeping(worker_id, started_at)
         housekeeping.start()
         try:
