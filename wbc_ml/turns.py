@@ -1,7 +1,9 @@
 """Views of a square cell image that a classifier should treat alike: its quarter turns and mirror images.
 
 A cell on a slide has no up or down, so a lab's adapted model may be served as the average of an image's four
-quarter turns (its card's ``quarter_turns``): on BCCD this added 6–9 points of accuracy to an adapted head
+quarter turns (its card's ``quarter_turns``, chosen by the adaptation's cross-validation). On BCCD the cross-validation
+chose it in 10 of 15 draws, and the new head of MobileNetV2 fine-tuned (before: four random views, the image alone)
+went from 77.3% to 79.5% with 20 cells per class, 70.5% to 73.9% with 10 and 63.1% to 67.9% with 5
 (``benchmarks/adaptation_bccd.md``). The rule is written here once and used by serving, evaluation and adaptation.
 """
 

@@ -6,7 +6,7 @@ Candidates (each scored by stratified cross-validation on the lab's adaptation c
 * ``head``: a new class-balanced logistic-regression head on the pooled features of several views per cell (the
   flips and quarter turns of a square image; with or without re-estimated BatchNormalization; regularisation C from
   a grid), served on the image alone or as the average over its four quarter turns (``quarter_turns``).
-  On BCCD the four turns added 6–9 points over the image alone; the cross-validation decides for each lab.
+  The cross-validation decides for each lab (see wbc_ml.turns for what it did on BCCD).
 * ``finetune``: re-estimated BatchNormalization, then the last block and the head trained on cached trunk
   activations (the head starts from the best logistic-regression head).
 
