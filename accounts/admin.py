@@ -68,6 +68,19 @@ class LabAdminMixin:
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
+class ReadOnlyAdminMixin:
+    """Rows the admin only shows: they are made and changed elsewhere (audited there), never here."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 class LabScopedAdmin(LabAdminMixin, admin.ModelAdmin):
     """Staff who are not superusers see only their own laboratory's rows (and the shared ones, read-only)."""
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from accounts.admin import LabAdminMixin
+from accounts.admin import LabAdminMixin, ReadOnlyAdminMixin
 from accounts.scoping import scoped
 
 from .models import HISTORICAL_MODELS
 
 
-class AuditAdmin(LabAdminMixin, admin.ModelAdmin):
+class AuditAdmin(ReadOnlyAdminMixin, LabAdminMixin, admin.ModelAdmin):
     list_display = ["history_date", "history_type", "history_user_id", "history_change_reason", "__str__"]
     list_filter = ["history_type"]
     date_hierarchy = "history_date"
@@ -19,15 +19,6 @@ class AuditAdmin(LabAdminMixin, admin.ModelAdmin):
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
         return queryset if request.user.is_superuser else scoped(queryset, request.user)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 for _model in HISTORICAL_MODELS:

@@ -28,16 +28,10 @@ from adaptation.models import AdaptationJob
 from classifier.models import ClassifierModel
 from reports.models import Batch, BatchItem, CellVerification, EvaluationRun, ReportVersion
 from tests.conftest import REPO, image_bytes, make_known_batch, start_worker
+from tests.test_adaptation import COLOURS as WBC_COLOURS
 from wbc_ml.datasets import WBC_CLASSES
 
-COLOURS = {  # one look per class, so that even an untrained network's features separate them
-    "basophil": (90, 40, 150),
-    "eosinophil": (230, 110, 90),
-    "lymphocyte": (60, 70, 200),
-    "monocyte": (170, 150, 200),
-    "neutrophil": (200, 120, 160),
-    "platelet": (150, 150, 150),
-}
+COLOURS = {**WBC_COLOURS, "platelet": (150, 150, 150)}  # one look per class, platelets too
 FAST = {"methods": ["head"], "views": 2, "c_grid": [1.0], "folds": 3}
 DEADLINE_SECONDS = 240
 
