@@ -70,6 +70,33 @@ def test_augmentation_keeps_shape_and_range():
     assert not np.allclose(out, images)
 
 
+def test_travel_augmentation_changes_stain_focus_and_scale_but_not_shape():
+    from wbc_ml.training.augmentation import HED_FROM_RGB, RGB_FROM_HED, travel_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    out = travel_batch(images, np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert all(not np.allclose(a, b, atol=2) for a, b in zip(out, images, strict=True))
+    # The stain matrices invert each other: a zero jitter leaves the optical densities as they were.
+    np.testing.assert_allclose(HED_FROM_RGB @ RGB_FROM_HED, np.eye(3), atol=1e-12)
+
+
+def test_rescale_keeps_the_cell_centred_at_the_same_size():
+    from PIL import Image
+
+    from wbc_ml.training.augmentation import rescale
+
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[15:25, 15:25] = 255  # a 10-pixel "cell" in the centre
+    for factor, side in ((0.6, 6), (1.4, 14)):
+        out = np.asarray(rescale(Image.fromarray(pixels), factor))
+        assert out.shape == pixels.shape
+        rows = np.flatnonzero(out[:, 20, 0] > 127)
+        assert abs(len(rows) - side) <= 1 and abs(rows.mean() - 19.5) <= 1
+
+
 def test_class_weights_favour_rare_classes():
     from wbc_ml.training import class_weights
 

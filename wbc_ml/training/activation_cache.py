@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..preprocessing import Normalization
-from .augmentation import augment_batch
+from .augmentation import AUGMENT
 from .common import predict_in_batches
 
 IMAGENET_NORMALIZATION = Normalization("zscore", (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
@@ -30,6 +30,7 @@ def mobilenet_activations(config, parts, x_train, y_train, x_val, log):
                 len(x_train),
                 config.max_per_class,
                 str(config.imagenet_weights),
+                config.augmentation,
             ]
         ).encode()
     ).hexdigest()[:16]
@@ -39,12 +40,13 @@ def mobilenet_activations(config, parts, x_train, y_train, x_val, log):
         data = np.load(cache_file)
         return data["train"], data["train_labels"], data["val"]
     rng = np.random.default_rng(config.seed)
+    augment = AUGMENT[config.augmentation]
     started = time.time()
     chunks, labels = [], []
     for copy in range(config.augment_copies):
         for start in range(0, len(x_train), 64):
             batch = x_train[start : start + 64]
-            pixels = batch.astype(np.float32) if copy == 0 else augment_batch(batch, rng)
+            pixels = batch.astype(np.float32) if copy == 0 else augment(batch, rng)
             chunks.append(np.asarray(parts.trunk.predict_on_batch(IMAGENET_NORMALIZATION.apply(pixels)), np.float16))
             labels.append(y_train[start : start + 64])
         log(f"cached augmented copy {copy + 1}/{config.augment_copies} ({time.time() - started:.0f}s)")

@@ -8,7 +8,7 @@ import numpy as np
 from .. import datasets
 from ..preprocessing import Normalization
 from .architectures import build_enhanced_cnn_v2
-from .augmentation import AugmentedBatches
+from .augmentation import AUGMENTATIONS, AugmentedBatches
 from .common import EpochLog, TrainResult, features_and_probs
 from .config import Log, TrainConfig
 from .detectors import non_wbc_parts
@@ -33,7 +33,10 @@ def train_cnn(config, x_train, y_train, x_val, y_val, weights, log):
     )
     n_classes = len(weights)
     x_fit, y_fit, w_fit = with_outlier_exposure(config, x_train, y_train, weights, log)
-    train_data = AugmentedBatches(x_fit, y_fit, w_fit, config.batch_size, normalization, config.seed)
+    train_data = AugmentedBatches(
+        x_fit, y_fit, w_fit, config.batch_size, normalization, config.seed, config.augmentation
+    )
+    config.extra["augmentation"] = f"on the fly: {AUGMENTATIONS[config.augmentation]}"
     val_x = normalization.apply(x_val)
     val_y = np.eye(n_classes, dtype=np.float32)[y_val]
     clean_train = normalization.apply(x_train[np.random.default_rng(config.seed).permutation(len(x_train))[:1920]])

@@ -8,6 +8,7 @@ import numpy as np
 from ..ood import average_pooled
 from .activation_cache import IMAGENET_NORMALIZATION, mobilenet_activations
 from .architectures import build_mobilenet_v2, unfreeze_last_block
+from .augmentation import AUGMENTATIONS
 from .common import EpochLog, TrainResult, predict_in_batches
 
 
@@ -56,8 +57,8 @@ def train_mobilenet(config, x_train, y_train, x_val, y_val, weights, log):
         config.extra["unfrozen_layers"] = unfrozen
         config.extra["finetune_epochs_run"] = len(fine.get("loss", []))
     config.extra["augmentation"] = (
-        f"{config.augment_copies} cached copies of each training image (the first unaugmented; the rest random "
-        "flips, 90-degree rotations, contrast/brightness and per-channel stain jitter)"
+        f"{config.augment_copies} cached copies of each training image (the first unaugmented; the rest "
+        f"{AUGMENTATIONS[config.augmentation]})"
     )
     for layer in parts.full.layers:
         layer.trainable = False

@@ -25,6 +25,12 @@ class Command(BaseCommand):
             "(random initialisation, for smoke tests)",
         )
         parser.add_argument("--augment-copies", type=int, default=4, help="MobileNetV2: augmented copies cached")
+        parser.add_argument(
+            "--augmentation",
+            choices=("travel", "mild"),
+            default="travel",
+            help="travel (default): stain, gamma, blur, scale and JPEG jitter besides flips; mild: flips and colour",
+        )
         parser.add_argument("--finetune-epochs", type=int, default=10, help="MobileNetV2 fine-tuned: phase-2 epochs")
         parser.add_argument("--cache-dir", type=Path, default=None, help="MobileNetV2: keep the activation cache here")
         parser.add_argument("--max-per-class", type=int, default=None, help="subsample for a quick smoke run")
@@ -39,6 +45,7 @@ class Command(BaseCommand):
         "seed",
         "imagenet_weights",
         "augment_copies",
+        "augmentation",
         "finetune_epochs",
         "cache_dir",
         "max_per_class",
@@ -67,6 +74,7 @@ class Command(BaseCommand):
             patience=options["patience"],
             seed=options["seed"],
             augment_copies=options["augment_copies"],
+            augmentation=options["augmentation"],
             finetune_epochs=options["finetune_epochs"],
             max_per_class=options["max_per_class"],
             cache_dir=options["cache_dir"],
