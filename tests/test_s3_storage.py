@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import uuid
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,22 @@ def test_a_batch_is_classified_by_a_worker_with_every_file_in_s3(
     assert file_sha256(cached) == tiny_record.onnx_sha256
     for folder in (*local_folders.values(), worker_folders["media"], worker_folders["onnx"], worker_folders["custom"]):
         assert _files(folder) == [], folder
+
+
+def test_a_media_upload_is_one_put_without_a_head_request(s3_media):
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    data = image_bytes()
+    calls: list[str] = []
+    events = default_storage.connection.meta.client.meta.events
+    events.register("before-call.s3", lambda model, **_: calls.append(model.name), unique_id="count-s3-calls")
+    try:
+        name = default_storage.save(f"batches/{uuid.uuid4()}-0.png", ContentFile(data))
+    finally:
+        events.unregister("before-call.s3", unique_id="count-s3-calls")
+    assert calls == ["PutObject"]
+    assert s3_media.read(name) == data
 
 
 def test_a_saliency_map_is_made_and_stored_in_s3(s3_media, tech_client, tiny_record, local_folders):

@@ -261,8 +261,11 @@ def storages_config() -> dict:
     prefix = env_str("WBC_S3_MODELS_PREFIX", "models")
     prefix = prefix.strip("/") or "models"
     spill = {"max_memory_size": 16 * 1024 * 1024}  # a model file read from S3 spills to disk, not all in memory
+    # Every media name the app writes carries a uuid (cells, batch images and their thumbnails, evaluation figures,
+    # adaptation uploads, health probes), so an upload is one PutObject: no HEAD to find a free name, no thread pool.
+    media = {"file_overwrite": True, "use_threads": False}
     return {
-        "default": _s3_storage(""),
+        "default": _s3_storage("", **media),
         "models": _s3_storage(f"{prefix}/uploads", **spill),
         "onnx": _s3_storage(f"{prefix}/onnx", **spill),
         "staticfiles": static,
