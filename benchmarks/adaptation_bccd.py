@@ -33,6 +33,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
     parser.add_argument("--out", type=Path, default=Path("/tmp/wbc-adaptation-bench"))
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the base models are")
     parser.add_argument("--methods", default="head,bn,finetune")
     parser.add_argument("--k", default="5,10,20")
     parser.add_argument("--seeds", type=int, default=5)
@@ -81,7 +82,7 @@ def run_model(args, arch: str, results_path: Path) -> None:
     done = set()
     if results_path.exists():
         done = {(r["model"], r["method"], r["k"], r["seed"]) for r in map(json.loads, results_path.open())}
-    base = REPO / "models" / f"{arch}.keras"
+    base = args.models_dir / f"{arch}.keras"
     card = load_card(base)
     class_names = list(card["class_names"])
     size = tuple(card["input_size"])

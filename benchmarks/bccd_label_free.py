@@ -81,16 +81,16 @@ def transforms(pbc: Path) -> dict:
     }
 
 
-def served(arch: str):
-    card = json.loads((REPO / "models" / f"{arch}.json").read_text())
+def served(arch: str, models: Path):
+    card = json.loads((models / f"{arch}.json").read_text())
     spec = ModelSpec(
-        path=REPO / "models" / card["file"],
+        path=models / card["file"],
         sha256=card["sha256"],
         input_size=tuple(card["input_size"]),
         normalization=card["normalization"],
         class_names=tuple(card["class_names"]),
         temperature=card["temperature"],
-        ood_path=REPO / "models" / card["ood"]["file"],
+        ood_path=models / card["ood"]["file"],
         ood_sha256=card["ood"]["sha256"],
     )
     return get_classifier(spec), tuple(card["input_size"])
@@ -99,6 +99,8 @@ def served(arch: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the three cards are")
+    parser.add_argument("--transforms", default="", help="comma-separated subset of the transforms (default all)")
     args = parser.parse_args()
     cells = [(p, CLASSES.index(p.parent.name)) for p in sorted((args.data / "bccd").rglob("*.jpg"))]
     labels = np.array([label for _, label in cells])
@@ -109,8 +111,10 @@ def main() -> None:
     )
     print(f"{'model':24} {'transform':14} {'choose acc':>10} {'report acc':>10} {'report flagged':>14}")
     for arch in MODELS:
-        classifier, size = served(arch)
+        classifier, size = served(arch, args.models_dir)
         for name, transform in transforms(args.data / "pbc").items():
+            if args.transforms and name not in args.transforms.split(","):
+                continue
             pixels = np.stack([np.asarray(transform(i).resize(size[::-1], Image.Resampling.BILINEAR)) for i in images])
             results = classifier.predict(pixels)
             correct = np.array([r.class_index for r in results]) == labels
