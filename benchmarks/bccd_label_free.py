@@ -100,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the three cards are")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated architectures")
     parser.add_argument("--transforms", default="", help="comma-separated subset of the transforms (default all)")
     args = parser.parse_args()
     cells = [(p, CLASSES.index(p.parent.name)) for p in sorted((args.data / "bccd").rglob("*.jpg"))]
@@ -110,7 +111,7 @@ def main() -> None:
         f"BCCD: {len(cells)} cells, choose half {np.sum(halves == 'choose')}, report half {np.sum(halves == 'report')}"
     )
     print(f"{'model':24} {'transform':14} {'choose acc':>10} {'report acc':>10} {'report flagged':>14}")
-    for arch in MODELS:
+    for arch in args.models.split(","):
         classifier, size = served(arch, args.models_dir)
         for name, transform in transforms(args.data / "pbc").items():
             if args.transforms and name not in args.transforms.split(","):

@@ -27,9 +27,10 @@ class Command(BaseCommand):
         parser.add_argument("--augment-copies", type=int, default=4, help="MobileNetV2: augmented copies cached")
         parser.add_argument(
             "--augmentation",
-            choices=("travel", "mild"),
-            default="travel",
-            help="travel (default): stain, gamma, blur, scale and JPEG jitter besides flips; mild: flips and colour",
+            choices=("mild", "travel"),
+            default="mild",
+            help="mild (default, the bundled models): flips, quarter turns, colour jitter; travel: also stain (HED), "
+            "gamma, blur, scale and JPEG quality",
         )
         parser.add_argument("--finetune-epochs", type=int, default=10, help="MobileNetV2 fine-tuned: phase-2 epochs")
         parser.add_argument("--cache-dir", type=Path, default=None, help="MobileNetV2: keep the activation cache here")
