@@ -136,6 +136,16 @@ class BatchItem(models.Model):
         return f"{self.original_filename} ({self.status})"
 
 
+def worker_file_name(field_name: str, stem: str, suffix: str) -> str:
+    """Where a worker writes one of an item's files (``image`` or ``thumbnail``): a key of its own on every write.
+
+    Media is written without looking for a free name first (S3, ``file_overwrite``), and a worker that has lost its
+    chunk deletes what it wrote; two workers writing the same item must never share a key.
+    """
+    field = BatchItem._meta.get_field(field_name)
+    return field.generate_filename(None, f"{stem}-{uuid.uuid4().hex[:12]}{suffix}")
+
+
 class CellVerification(models.Model):
     """A technologist's class for one cell. It sits beside the AI's class (the prediction) and never replaces it;
     every change is kept in the audit trail."""

@@ -18,7 +18,7 @@ from django.core.files.base import ContentFile
 from django.db.models import Case, CharField, F, Value, When
 from PIL import Image
 
-from .models import BatchItem
+from .models import BatchItem, worker_file_name
 
 logger = logging.getLogger(__name__)
 THUMBNAIL_PX = 96  # the longer side, in pixels
@@ -51,7 +51,7 @@ class ThumbnailWriter:
     def save(self, item: BatchItem, data: bytes | None) -> None:
         if not data:
             return
-        wanted = self.field.generate_filename(item, f"{PurePosixPath(item.image.name).stem or item.pk}.webp")
+        wanted = worker_file_name("thumbnail", PurePosixPath(item.image.name).stem or str(item.pk), ".webp")
         self.names[item.pk] = self.field.storage.save(wanted, ContentFile(data))
 
     def column(self) -> Case:

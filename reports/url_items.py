@@ -24,7 +24,7 @@ from classifier.fetch import UrlRefused, fetch_url
 from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
 
 from .chunks import ChunkLease
-from .models import Batch, BatchItem
+from .models import Batch, BatchItem, worker_file_name
 from .wakeup import PROGRESS, notify
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def _record(batch: Batch, lease: ChunkLease, item: BatchItem, outcome: tuple[str
     _, data = outcome
     field = BatchItem._meta.get_field("image")
     suffix = ".png" if sniff_image_type(data) == "PNG" else ".jpg"
-    stored = field.storage.save(
-        field.generate_filename(None, f"{batch.uid}-{item.position}{suffix}"), ContentFile(data)
-    )
+    stored = field.storage.save(worker_file_name("image", f"{batch.uid}-{item.position}", suffix), ContentFile(data))
     if held.update(image=stored) != 1:
         field.storage.delete(stored)  # another worker took over (or the item is gone): nothing half-stored
         return lease.is_held()

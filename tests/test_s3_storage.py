@@ -102,6 +102,26 @@ def test_a_media_upload_is_one_put_without_a_head_request(s3_media):
     assert s3_media.read(name) == data
 
 
+def test_a_worker_that_lost_its_chunk_never_deletes_the_file_of_the_worker_that_took_it(
+    s3_media, technologist, tiny_record
+):
+    from reports.chunks import ChunkLease
+    from reports.models import BatchChunk
+    from reports.submission import UrlEntry
+    from reports.url_items import _record
+
+    batch = submit_batch(technologist, [UrlEntry("cell.png", "https://example.org/cell.png")], tiny_record, name="URL")
+    item, chunk = batch.items.get(), BatchChunk.objects.get(batch=batch)
+    taken_over = ChunkLease(chunk.pk, uuid.uuid4())
+    BatchChunk.objects.filter(pk=chunk.pk).update(lease=taken_over.lease)
+    data = image_bytes()
+    assert _record(batch, taken_over, item, ("cell.png", data))  # the worker holding the chunk stores the image
+    lost = ChunkLease(chunk.pk, uuid.uuid4())
+    assert not _record(batch, lost, item, ("cell.png", data))  # the one that lost it stores nothing, deletes its own
+    item.refresh_from_db()
+    assert s3_media.keys("batches/") == [item.image.name] and s3_media.read(item.image.name) == data
+
+
 def test_a_saliency_map_is_made_and_stored_in_s3(s3_media, tech_client, tiny_record, local_folders):
     upload = SimpleUploadedFile("cell.png", image_bytes(size=(72, 64)), content_type="image/png")
     response = tech_client.post(reverse("classifier:classify"), {"image": upload, "model": tiny_record.pk})
