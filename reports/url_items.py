@@ -56,7 +56,7 @@ def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, byt
     return name, data
 
 
-def _record(batch: Batch, lease: ChunkLease, item: BatchItem, outcome: tuple[str, bytes] | str) -> bool:
+def record_download(batch: Batch, lease: ChunkLease, item: BatchItem, outcome: tuple[str, bytes] | str) -> bool:
     """Store one outcome if this worker still holds the chunk; False when the lease is lost."""
     held = BatchItem.objects.filter(lease.held(), pk=item.pk, status=BatchItem.Status.PENDING, image="")
     if isinstance(outcome, str):
@@ -90,7 +90,7 @@ def fetch_url_items(batch: Batch, items, lease: ChunkLease, stopping: Callable[[
         while running:
             finished, _ = wait(running, timeout=renew_every, return_when=FIRST_COMPLETED)
             for future in finished:
-                if not _record(batch, lease, running.pop(future), future.result()):
+                if not record_download(batch, lease, running.pop(future), future.result()):
                     return False
             if finished:
                 notify(PROGRESS)

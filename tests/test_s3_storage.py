@@ -108,16 +108,16 @@ def test_a_worker_that_lost_its_chunk_never_deletes_the_file_of_the_worker_that_
     from reports.chunks import ChunkLease
     from reports.models import BatchChunk
     from reports.submission import UrlEntry
-    from reports.url_items import _record
+    from reports.url_items import record_download
 
     batch = submit_batch(technologist, [UrlEntry("cell.png", "https://example.org/cell.png")], tiny_record, name="URL")
     item, chunk = batch.items.get(), BatchChunk.objects.get(batch=batch)
     taken_over = ChunkLease(chunk.pk, uuid.uuid4())
     BatchChunk.objects.filter(pk=chunk.pk).update(lease=taken_over.lease)
     data = image_bytes()
-    assert _record(batch, taken_over, item, ("cell.png", data))  # the worker holding the chunk stores the image
+    assert record_download(batch, taken_over, item, ("cell.png", data))  # the holder stores it
     lost = ChunkLease(chunk.pk, uuid.uuid4())
-    assert not _record(batch, lost, item, ("cell.png", data))  # the one that lost it stores nothing, deletes its own
+    assert not record_download(batch, lost, item, ("cell.png", data))  # the lost one deletes only its own file
     item.refresh_from_db()
     assert s3_media.keys("batches/") == [item.image.name] and s3_media.read(item.image.name) == data
 
