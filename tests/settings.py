@@ -1,13 +1,23 @@
 """Test settings: the real settings, made fast and isolated."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from wbcsite.settings import *  # noqa: F403
 
+
+def _own_temp_dir(prefix: str) -> Path:
+    """A fresh folder for this test process, removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-MEDIA_ROOT = Path(tempfile.mkdtemp(prefix="wbc-test-media-"))
+MEDIA_ROOT = _own_temp_dir("wbc-test-media-")
 _FOLDER = "classifier.model_files.SettingFolderStorage"
 STORAGES = {  # local folders whatever the environment says; tests/s3.py points a test at S3 on loopback
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -15,12 +25,12 @@ STORAGES = {  # local folders whatever the environment says; tests/s3.py points 
     "onnx": {"BACKEND": _FOLDER, "OPTIONS": {"setting": "WBC_ONNX_DIR"}},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
-WBC_MODEL_CACHE_DIR = Path(tempfile.mkdtemp(prefix="wbc-test-model-cache-"))
+WBC_MODEL_CACHE_DIR = _own_temp_dir("wbc-test-model-cache-")
 SECURE_SSL_REDIRECT = False
-STATIC_ROOT = Path(tempfile.mkdtemp(prefix="wbc-test-static-"))
+STATIC_ROOT = _own_temp_dir("wbc-test-static-")
 WHITENOISE_USE_FINDERS = True
 
 # A file-backed test database, so a real worker process can share it with the test (browser tests).
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wbc-test-{os.getpid()}.sqlite3")}  # noqa: F405
-WBC_WORKER_WAKEUP_DIR = Path(tempfile.mkdtemp(prefix="wbc-test-wakeup-"))
+WBC_WORKER_WAKEUP_DIR = _own_temp_dir("wbc-test-wakeup-")
