@@ -15,6 +15,7 @@ from reports.submission import submit_batch
 from reports.uploads import NamedBytes
 from reports.worker import process_batch_now, sub_batches
 from tests.conftest import image_bytes
+from tests.workers import after_each_stored_part
 
 pytestmark = pytest.mark.django_db
 
@@ -62,14 +63,8 @@ def test_a_lost_lease_stores_nothing_of_the_sub_batches_already_in_flight(techno
     batch = submit_batch(technologist, _entries(7), tiny_record, name="Taken over")
     chunk = batch.chunks.get()
     monkeypatch.setattr(batches, "SUB_BATCH", 2)
-    real_store = batches._store_part
-
-    def store_then_lose_the_lease(*args):
-        stored = real_store(*args)
-        BatchChunk.objects.filter(pk=chunk.pk).update(lease=uuid.uuid4())  # another worker took the chunk over
-        return stored
-
-    monkeypatch.setattr(batches, "_store_part", store_then_lose_the_lease)
+    # another worker takes the chunk over as soon as the first sub-batch is stored
+    after_each_stored_part(monkeypatch, lambda: BatchChunk.objects.filter(pk=chunk.pk).update(lease=uuid.uuid4()))
     assert batches.process_chunk_now(chunk.pk) == batches.LOST
     # The first sub-batch was stored; the second, classified meanwhile, and the rest are left to the new holder.
     assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2

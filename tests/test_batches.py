@@ -20,6 +20,7 @@ from reports.submission import submit_batch
 from reports.uploads import Limits, NamedBytes, UploadRefused, expand_uploads
 from reports.worker import process_batch_now, recover_stale_chunks
 from tests.conftest import image_bytes
+from tests.workers import after_each_stored_part
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -161,14 +162,7 @@ def test_a_stopping_worker_gives_its_chunk_back_after_the_images_in_hand(technol
     batch = submit_batch(technologist, _entries(5), tiny_record, name="Stopped")
     chunk = batch.chunks.get()
     monkeypatch.setattr(batches, "SUB_BATCH", 2)
-    real_store = batches._store_part
-
-    def store_then_stop(*args):
-        stored = real_store(*args)
-        batches.stopping.set()  # SIGTERM arrives while the first two images are stored
-        return stored
-
-    monkeypatch.setattr(batches, "_store_part", store_then_stop)
+    real_store = after_each_stored_part(monkeypatch, batches.stopping.set)  # SIGTERM arrives as two are stored
     try:
         assert process_batch_now(batch.pk) == "released"
     finally:

@@ -35,3 +35,18 @@ def wait_until_finished(batch, worker: subprocess.Popen, seconds: float = WAIT_S
             pytest.fail(f"the worker exited ({worker.returncode}):\n{stop_worker(worker)}")
         time.sleep(0.2)
     pytest.fail(f"batch still {batch.status} after {seconds:g} s:\n{stop_worker(worker)}")
+
+
+def after_each_stored_part(monkeypatch, action):
+    """Make the worker run ``action()`` right after it stores each sub-batch; returns the real store function."""
+    from reports import worker
+
+    real_store = worker._store_part
+
+    def store_then_act(*args):
+        stored = real_store(*args)
+        action()
+        return stored
+
+    monkeypatch.setattr(worker, "_store_part", store_then_act)
+    return real_store
