@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,11 +40,19 @@ logger = logging.getLogger(__name__)
 EVALUATION_UNITS = 2.0  # both models on the held-back cells, in wbc_ml.adaptation.progress units
 REGISTRATION_UNITS = 2.0  # the vetting child and its ONNX copy
 PROGRESS_EVERY_SECONDS = 1.0  # at most this often a progress row is written (a stage change is always written)
+INTERRUPTED = "the worker was stopped while the job ran; nothing was registered: start the adaptation again"
+
+# Set by the worker when it is asked to stop (SIGTERM): a running job ends at its next step, registering nothing.
+worker_stopping = threading.Event()
+
+
+class Interrupted(Cancelled):
+    """The worker is shutting down: the job fails with :data:`INTERRUPTED` instead of running on past the stop."""
 
 
 class JobProgress:
     """Stores a job's stage and share done (queryset updates: no audit row per step) and raises
-    :class:`Cancelled` once someone asked the job to stop."""
+    :class:`Cancelled` once someone asked the job to stop (:class:`Interrupted` once the worker is stopping)."""
 
     def __init__(self, job: AdaptationJob):
         self.job_id = job.pk
@@ -60,6 +69,8 @@ class JobProgress:
         self.check()
 
     def check(self) -> None:
+        if worker_stopping.is_set():
+            raise Interrupted(INTERRUPTED)
         if AdaptationJob.objects.filter(pk=self.job_id, cancel_requested=True).exists():
             raise Cancelled("cancelled by the lab")
 
@@ -72,6 +83,9 @@ def run_job(job_id: int) -> str:
     workdir = Path(tempfile.mkdtemp(prefix=f"wbc-adaptation-{job.pk}-"))
     try:
         outcome = _adapt(job, workdir)
+    except Interrupted:
+        _finish(job, AdaptationJob.Status.FAILED, stage="stopped; nothing was registered", error=INTERRUPTED)
+        return "interrupted"
     except Cancelled:
         _finish(job, AdaptationJob.Status.CANCELLED, stage="cancelled; nothing was registered")
         return "cancelled"

@@ -25,8 +25,11 @@ from django.utils import timezone
 
 from adaptation.cells import HELD_BACK, TRAIN, LabelledCell, split_cells
 from adaptation.models import AdaptationJob
+from adaptation.runner import INTERRUPTED
 from classifier.models import ClassifierModel
 from reports.models import Batch, BatchItem, CellVerification, EvaluationRun, ReportVersion
+from reports.submission import submit_batch
+from reports.uploads import NamedBytes
 from tests.conftest import REPO, image_bytes, make_known_batch, start_worker
 from tests.test_adaptation import COLOURS as WBC_COLOURS
 from wbc_ml.datasets import WBC_CLASSES
@@ -119,6 +122,16 @@ def wait_until_finished(job: AdaptationJob, worker=None) -> AdaptationJob:
             pytest.fail(f"the worker stopped: {worker.stdout.read()[-3000:]}")
         time.sleep(0.5)
     pytest.fail(f"the job is still {job.status} ({job.stage}) after {DEADLINE_SECONDS} s")
+
+
+def wait_for_stage(job: AdaptationJob, words: str, seconds: float = 120) -> AdaptationJob:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if words in job.stage:
+            return job
+        time.sleep(0.2)
+    pytest.fail(f"the job never reached {words!r}: {job.status} ({job.stage}) {job.error}")
 
 
 @pytest.mark.timeout(400)
@@ -298,13 +311,8 @@ def test_cancel_stops_a_running_job_between_epochs_and_registers_nothing(
     outcome = []
     runner = threading.Thread(target=lambda: outcome.append(run_job(job.pk)), daemon=True)
     runner.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if "fine-tuning" in job.stage:
-            break
-        time.sleep(0.2)
-    assert "fine-tuning" in job.stage and 0 < job.progress < 0.5, (job.status, job.stage, job.error)
+    wait_for_stage(job, "fine-tuning")
+    assert 0 < job.progress < 0.5, (job.status, job.stage, job.error)
     status = admin_client.get(reverse("adaptation:job_status", args=[job.pk])).json()
     assert status["status"] == "running" and status["elapsed_seconds"] > 0
 
@@ -317,6 +325,45 @@ def test_cancel_stops_a_running_job_between_epochs_and_registers_nothing(
     custom = lab_dirs.WBC_CUSTOM_MODELS_DIR
     assert not custom.exists() or not [p for p in custom.rglob("*") if p.is_file()]
     assert "cancel requested" in job.history.values_list("history_change_reason", flat=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_batches_go_on_while_an_adaptation_trains_and_a_stopped_worker_fails_the_job_cleanly(
+    admin_client, model_admin, tiny_record, models_dir, lab_dirs
+):
+    lab_dirs.WBC_ADAPT_CONFIG = {"methods": ["finetune"], "views": 2, "c_grid": [1.0], "folds": 3, "epochs": 2000}
+    signed_slide(model_admin, tiny_record, dict.fromkeys(WBC_CLASSES, 8))
+    assert start(admin_client, tiny_record).status_code == 302
+    job = AdaptationJob.objects.get()
+    worker = start_worker(
+        lab_dirs,
+        models_dir,
+        WBC_CUSTOM_MODELS_DIR=str(lab_dirs.WBC_CUSTOM_MODELS_DIR),
+        WBC_ONNX_DIR=str(lab_dirs.WBC_ONNX_DIR),
+    )
+    try:
+        wait_for_stage(job, "fine-tuning")
+        # The one worker process classifies a new batch while the job trains (before, the batch waited behind it).
+        entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(40 * i, 90, 160))) for i in range(3)]
+        batch = submit_batch(model_admin, entries, tiny_record, name="During the adaptation")
+        deadline = time.monotonic() + 60
+        while not batch.is_finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+            batch.refresh_from_db()
+        assert batch.status == Batch.Status.DONE and batch.items.filter(prediction__isnull=False).count() == 3
+        job.refresh_from_db()
+        assert job.status == AdaptationJob.Status.RUNNING, job.stage
+
+        # SIGTERM: the job ends at its next step, failed with the reason, and nothing is registered.
+        worker.terminate()
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    job.refresh_from_db()
+    assert job.status == AdaptationJob.Status.FAILED and job.error == INTERRUPTED and job.result_model is None
+    assert not ClassifierModel.objects.filter(laboratory=model_admin.laboratory).exists()
 
 
 @pytest.mark.django_db

@@ -326,7 +326,13 @@ DATA_UPLOAD_MAX_NUMBER_FILES = WBC_BATCH_MAX_FILES
 DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("DATA_UPLOAD_MAX_NUMBER_FIELDS", 2000)
 
 # Background work goes through django.tasks; the database backend and its worker are the default.
-TASKS = {"default": {"BACKEND": env_str("TASKS_BACKEND", "django_tasks_db.DatabaseBackend")}}
+# "adaptation": the adaptation jobs, run beside the batch chunks (adaptation.tasks)
+TASKS = {
+    "default": {
+        "BACKEND": env_str("TASKS_BACKEND", "django_tasks_db.DatabaseBackend"),
+        "QUEUES": ["default", "adaptation"],
+    }
+}
 
 # HTTPS: the run command serves TLS itself; behind a proxy set SECURE_PROXY_SSL_HEADER via env.
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)

@@ -11,6 +11,8 @@ from django.utils.crypto import get_random_string
 from django_tasks_db.management.commands.db_worker import Worker
 from threadpoolctl import threadpool_limits
 
+from adaptation.runner import worker_stopping
+from adaptation.tasks import ADAPTATION_QUEUE
 from reports.heartbeat import beat, forget_old_workers, stopped
 from reports.wakeup import WORKER, listen
 from reports.worker import recover_stale_chunks, stopping
@@ -18,6 +20,7 @@ from wbc_ml.inference import set_onnx_threads
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 10.0  # the longest pause between tries while the database is unreachable
+ADAPTATION_STOP_SECONDS = 30.0  # how long a stopping worker waits for a running adaptation job to end its step
 
 
 def lower_priority(niceness: int) -> int:
@@ -85,10 +88,10 @@ class ChunkWorker(Worker):
         super().shutdown(signum, frame)
 
 
-def run_rounds(worker: Worker) -> None:
-    """Run every ready task, then sleep on the wake-up until a chunk is queued (or the idle timeout), while
+def run_rounds(worker: Worker, ready_message: str = "") -> None:
+    """Run every ready task, then sleep on the wake-up until a task is queued (or the idle timeout), while
     ``worker.running``. A database outage is waited out: the connections are closed, the pause grows (bounded),
-    and work carries on when the database answers again."""
+    and work carries on when the database answers again. ``ready_message`` is printed after the first round."""
     pause = 0.5
     with listen(WORKER) as wakeup:
         first = True
@@ -102,18 +105,58 @@ def run_rounds(worker: Worker) -> None:
                 wakeup.wait(pause)
                 pause = min(pause * 2, MAX_BACKOFF_SECONDS)
                 continue
-            if first:
-                print("worker ready: waiting for batches", flush=True)
-                first = False
+            if first and ready_message:
+                print(ready_message, flush=True)
+            first = False
             if worker.running:
                 wakeup.wait(settings.WBC_WORKER_IDLE_SECONDS)
+
+
+class AdaptationThread(threading.Thread):
+    """The adaptation queue, beside the chunk loop: a job trains for minutes (TensorFlow), and a lab's batches must
+    not wait behind it. :meth:`stop` makes a running job end at its next step (failed, nothing registered)."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="worker-adaptation", daemon=True)
+        self.worker = worker
+
+    def run(self) -> None:
+        try:
+            run_rounds(self.worker)
+        finally:
+            connection.close()
+
+    def stop(self, timeout: float) -> None:
+        """Ask a running job to end at its next step and wait for it (at most ``timeout``); idle, it just ends
+        with the process (a daemon thread)."""
+        worker_stopping.set()
+        self.worker.running = False
+        if self.worker.running_task:
+            self.join(timeout=timeout)
+
+
+def task_worker(worker_class: type[Worker], queues: list[str], worker_id: str) -> Worker:
+    """django-tasks-db's worker on ``queues`` in batch mode: each ``run()`` runs every ready task and returns, and
+    :func:`run_rounds` sleeps on the wake-up in between (LISTEN on PostgreSQL, a socket on SQLite), so a new task
+    starts at once without polling the database many times a second."""
+    return worker_class(
+        queue_names=queues,
+        interval=0.02,  # only used while the database is locked
+        batch=True,
+        backend_name="default",
+        startup_delay=False,
+        max_tasks=None,
+        worker_id=worker_id,
+        excluded_queue_names=[],
+    )
 
 
 class Command(BaseCommand):
     help = (
         "Start the background worker: it classifies queued chunks of batches (with any number of other workers, on "
-        "any host sharing the database and storage), hands the chunks a dead worker left to new tasks, and writes a "
-        "heartbeat the pages and /readyz read. SIGTERM: the chunk in hand is released, then the worker exits."
+        "any host sharing the database and storage), runs adaptation jobs in a thread beside them, hands the chunks "
+        "a dead worker left to new tasks, and writes a heartbeat the pages and /readyz read. SIGTERM: the chunk in "
+        "hand is released, a running adaptation job fails at its next step, then the worker exits."
     )
 
     def add_arguments(self, parser):
@@ -131,23 +174,10 @@ class Command(BaseCommand):
         recovered = recover_stale_chunks()
         if recovered:
             self.stdout.write(f"re-enqueued {len(recovered)} unfinished chunk(s): {recovered}")
-        # django-tasks-db's worker in batch mode runs every ready task and returns; between rounds this
-        # process sleeps on its wake-up (LISTEN on PostgreSQL, a socket on SQLite), so a new chunk starts at
-        # once without polling the database many times a second.
         logging.getLogger("django_tasks_db").setLevel(logging.WARNING)  # not "starting worker" every round
-        worker = ChunkWorker(
-            queue_names=["default"],
-            interval=0.02,  # only used while the database is locked
-            batch=True,
-            backend_name="default",
-            startup_delay=False,
-            max_tasks=None,
-            worker_id=worker_id,
-            excluded_queue_names=[],
-        )
-        if options["batch"]:  # one round (tests, cron): no background thread
+        if options["batch"]:  # one round (tests, cron) of both queues: no background thread
             try:
-                worker.run()
+                task_worker(ChunkWorker, ["default", ADAPTATION_QUEUE], worker_id).run()
             finally:
                 stopped(worker_id)
             return
@@ -156,10 +186,14 @@ class Command(BaseCommand):
         lower_priority(settings.WBC_WORKER_NICE)
         housekeeping = Housekeeping(worker_id, started_at)
         housekeeping.start()
+        adaptations = AdaptationThread(task_worker(Worker, [ADAPTATION_QUEUE], f"{worker_id}-adaptation"))
+        adaptations.start()
+        worker = task_worker(ChunkWorker, ["default"], worker_id)
         try:
             worker.configure_signals()
-            run_rounds(worker)
+            run_rounds(worker, "worker ready: waiting for batches")
         finally:
+            adaptations.stop(timeout=ADAPTATION_STOP_SECONDS)
             housekeeping.stop()
             try:
                 stopped(worker_id)
