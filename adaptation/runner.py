@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from classifier.custom_models import register_lab_model_file, remove_files
+from reports.worker import stopping as worker_stopping
 from wbc_ml import datasets
 from wbc_ml.adaptation.progress import Cancelled, Progress
 from wbc_ml.checksums import file_sha256
@@ -41,9 +41,6 @@ EVALUATION_UNITS = 2.0  # both models on the held-back cells, in wbc_ml.adaptati
 REGISTRATION_UNITS = 2.0  # the vetting child and its ONNX copy
 PROGRESS_EVERY_SECONDS = 1.0  # at most this often a progress row is written (a stage change is always written)
 INTERRUPTED = "the worker was stopped while the job ran; nothing was registered: start the adaptation again"
-
-# Set by the worker when it is asked to stop (SIGTERM): a running job ends at its next step, registering nothing.
-worker_stopping = threading.Event()
 
 
 class Interrupted(Cancelled):
@@ -69,7 +66,7 @@ class JobProgress:
         self.check()
 
     def check(self) -> None:
-        if worker_stopping.is_set():
+        if worker_stopping.is_set():  # SIGTERM: the job ends at its next step, registering nothing
             raise Interrupted(INTERRUPTED)
         if AdaptationJob.objects.filter(pk=self.job_id, cancel_requested=True).exists():
             raise Cancelled("cancelled by the lab")

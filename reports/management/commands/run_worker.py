@@ -11,8 +11,6 @@ from django.utils.crypto import get_random_string
 from django_tasks_db.management.commands.db_worker import Worker
 from threadpoolctl import threadpool_limits
 
-from adaptation.runner import worker_stopping
-from adaptation.tasks import ADAPTATION_QUEUE
 from reports.heartbeat import beat, forget_old_workers, stopped
 from reports.wakeup import WORKER, listen
 from reports.worker import recover_stale_chunks, stopping
@@ -20,7 +18,8 @@ from wbc_ml.inference import set_onnx_threads
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 10.0  # the longest pause between tries while the database is unreachable
-ADAPTATION_STOP_SECONDS = 30.0  # how long a stopping worker waits for a running adaptation job to end its step
+CHUNK_QUEUE = "default"  # the batch chunks (reports.tasks)
+SIDE_TASK_STOP_SECONDS = 30.0  # how long a stopping worker waits for a side-queue task to end its step
 
 
 def lower_priority(niceness: int) -> int:
@@ -112,12 +111,18 @@ def run_rounds(worker: Worker, ready_message: str = "") -> None:
                 wakeup.wait(settings.WBC_WORKER_IDLE_SECONDS)
 
 
-class AdaptationThread(threading.Thread):
-    """The adaptation queue, beside the chunk loop: a job trains for minutes (TensorFlow), and a lab's batches must
-    not wait behind it. :meth:`stop` makes a running job end at its next step (failed, nothing registered)."""
+def side_queues() -> list[str]:
+    """The task queues other than the chunks' (``TASKS['default']['QUEUES']``): e.g. 'adaptation', jobs that train
+    for minutes."""
+    return [queue for queue in settings.TASKS["default"].get("QUEUES", [CHUNK_QUEUE]) if queue != CHUNK_QUEUE]
+
+
+class SideQueueThread(threading.Thread):
+    """The side queues, beside the chunk loop: a lab's batches never wait behind an adaptation job. A task there
+    sees :data:`reports.worker.stopping` once the worker is asked to stop, and ends at its next step."""
 
     def __init__(self, worker: Worker) -> None:
-        super().__init__(name="worker-adaptation", daemon=True)
+        super().__init__(name="worker-side-queues", daemon=True)
         self.worker = worker
 
     def run(self) -> None:
@@ -127,9 +132,9 @@ class AdaptationThread(threading.Thread):
             connection.close()
 
     def stop(self, timeout: float) -> None:
-        """Ask a running job to end at its next step and wait for it (at most ``timeout``); idle, it just ends
-        with the process (a daemon thread)."""
-        worker_stopping.set()
+        """Wait (at most ``timeout``) for a running task to end its step; idle, the thread just ends with the process
+        (a daemon thread)."""
+        stopping.set()
         self.worker.running = False
         if self.worker.running_task:
             self.join(timeout=timeout)
@@ -177,7 +182,7 @@ class Command(BaseCommand):
         logging.getLogger("django_tasks_db").setLevel(logging.WARNING)  # not "starting worker" every round
         if options["batch"]:  # one round (tests, cron) of both queues: no background thread
             try:
-                task_worker(ChunkWorker, ["default", ADAPTATION_QUEUE], worker_id).run()
+                task_worker(ChunkWorker, [CHUNK_QUEUE, *side_queues()], worker_id).run()
             finally:
                 stopped(worker_id)
             return
@@ -186,14 +191,14 @@ class Command(BaseCommand):
         lower_priority(settings.WBC_WORKER_NICE)
         housekeeping = Housekeeping(worker_id, started_at)
         housekeeping.start()
-        adaptations = AdaptationThread(task_worker(Worker, [ADAPTATION_QUEUE], f"{worker_id}-adaptation"))
-        adaptations.start()
-        worker = task_worker(ChunkWorker, ["default"], worker_id)
+        side = SideQueueThread(task_worker(Worker, side_queues(), f"{worker_id}-side"))
+        side.start()
+        worker = task_worker(ChunkWorker, [CHUNK_QUEUE], worker_id)
         try:
             worker.configure_signals()
             run_rounds(worker, "worker ready: waiting for batches")
         finally:
-            adaptations.stop(timeout=ADAPTATION_STOP_SECONDS)
+            side.stop(timeout=SIDE_TASK_STOP_SECONDS)
             housekeeping.stop()
             try:
                 stopped(worker_id)
