@@ -160,6 +160,23 @@ def test_cross_validation_and_the_report_use_disjoint_cells(lab, tmp_path):
     assert json.loads(again.with_suffix(".json").read_text())["adaptation"]["cells"] == card["adaptation"]["cells"]
 
 
+@pytest.mark.parametrize("cells", [21, 41, 91])
+def test_batchnorm_statistics_are_re_estimated_from_any_number_of_cells(cells):
+    # 41 cells (10 per class and a rare one) make a full batch and a small last one, merged into it: that crashed.
+    import keras
+
+    from wbc_ml.adaptation.network import reestimate_batchnorm
+    from wbc_ml.preprocessing import Normalization
+
+    inputs = keras.Input((8, 8, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization(name="bn")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(pooled))
+    x = np.random.default_rng(cells).integers(0, 256, (cells, 8, 8, 3)).astype(np.uint8)
+    assert reestimate_batchnorm(model, x, Normalization.from_dict({"method": "scale01"})) == 1
+    moving_mean = np.asarray(model.get_layer("bn").moving_mean)
+    assert np.allclose(moving_mean, (x / 255.0).mean(axis=(0, 1, 2)), atol=0.01)
+
+
 def test_evaluating_unseen_cells_needs_an_adapted_model(lab):
     base, folder = lab
     with pytest.raises(CommandError, match="needs an adapted model"):

@@ -104,7 +104,8 @@ def reestimate_batchnorm(model: keras.Model, x: np.ndarray, normalization: Norma
     order = np.random.default_rng(0).permutation(len(x))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < batch_size // 2:  # a tiny last batch gives noisy statistics
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], last])
     for k, batch in enumerate(batches):
         for layer in layers:
             layer.trainable = True  # frozen BatchNormalization ignores training=True in Keras 3
