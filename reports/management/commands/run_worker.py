@@ -180,7 +180,7 @@ class Command(BaseCommand):
         if recovered:
             self.stdout.write(f"re-enqueued {len(recovered)} unfinished chunk(s): {recovered}")
         logging.getLogger("django_tasks_db").setLevel(logging.WARNING)  # not "starting worker" every round
-        if options["batch"]:  # one round (tests, cron) of both queues: no background thread
+        if options["batch"]:  # one round (tests, cron) of every queue: no background thread
             try:
                 task_worker(ChunkWorker, [CHUNK_QUEUE, *side_queues()], worker_id).run()
             finally:
