@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -51,12 +52,17 @@ def ensure_chunks(batch: Batch) -> None:
         pass
 
 
-def enqueue_chunks(chunk_ids: list[int]) -> None:
-    """One task per chunk, then one wake-up for the waiting workers."""
+def enqueue_chunks(chunk_ids: list[int], delay_seconds: float = 0.0) -> None:
+    """One task per chunk (to run ``delay_seconds`` from now, or at once), then one wake-up for the waiting workers."""
     from .tasks import process_chunk
 
+    task = (
+        process_chunk.using(run_after=timezone.now() + timedelta(seconds=delay_seconds))
+        if delay_seconds
+        else process_chunk
+    )
     for chunk_id in chunk_ids:
-        process_chunk.enqueue(chunk_id)
+        task.enqueue(chunk_id)
     if chunk_ids:
         notify(WORKER)
 

@@ -119,7 +119,8 @@ def _fail_batch(batch_id: int, error: str) -> None:
 
 
 def _after_error(lease: ChunkLease, exc: Exception) -> None:
-    """A task raised: queue the chunk again with the error, or fail the batch when its attempts are used up."""
+    """A task raised: queue the chunk again with the error, after a back-off (``WBC_BATCH_RETRY_SECONDS``, doubled
+    at each attempt), or fail the batch when its attempts are used up."""
     chunk = BatchChunk.objects.filter(pk=lease.chunk_id, lease=lease.lease).first()
     if chunk is None:
         return  # another worker holds it now
@@ -133,7 +134,7 @@ def _after_error(lease: ChunkLease, exc: Exception) -> None:
     )
     if requeued:
         Batch.objects.filter(pk=chunk.batch_id, status=Batch.Status.RUNNING).update(error=error)
-        enqueue_chunks([chunk.pk])
+        enqueue_chunks([chunk.pk], delay_seconds=settings.WBC_BATCH_RETRY_SECONDS * 2 ** max(0, chunk.attempts - 1))
 
 
 def _release(lease: ChunkLease, *, error: str = "") -> bool:

@@ -34,3 +34,6 @@ WHITENOISE_USE_FINDERS = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wbc-test-{os.getpid()}.sqlite3")}  # noqa: F405
 WBC_WORKER_WAKEUP_DIR = _own_temp_dir("wbc-test-wakeup-")
+# In-process worker rounds retry a failed chunk at once (a test that wants the back-off sets it); worker processes
+# started by the tests read the environment, so they back off as in production.
+WBC_BATCH_RETRY_SECONDS = 0

@@ -14,6 +14,7 @@ import pytest
 from django.core.cache import caches
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 from PIL import Image
 from rest_framework.test import APIClient
 
@@ -236,5 +237,27 @@ def test_a_batch_whose_task_keeps_failing_is_failed_after_the_attempts_with_the_
     assert "3 attempts" in batch.error and "std" in batch.error
     assert batch.items.get().status == BatchItem.Status.PENDING  # the image is kept, never silently dropped
     call_command("run_worker", "--batch")  # nothing left to do, nothing re-queued
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.FAILED and batch.attempts == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_chunk_is_tried_again_after_a_back_off_that_doubles(technologist, tiny_record, settings):
+    from django_tasks_db.models import DBTaskResult
+
+    settings.WBC_BATCH_MAX_ATTEMPTS, settings.WBC_BATCH_RETRY_SECONDS = 3, 5
+    batch = submit_batch(technologist, [NamedBytes("c.png", image_bytes())], tiny_record, name="Backed off")
+    Batch.objects.filter(pk=batch.pk).update(normalization=TINY_STD)  # fails every time, as above
+    for attempt, delay in ((1, 5), (2, 10)):
+        call_command("run_worker", "--batch")
+        batch.refresh_from_db()
+        assert batch.status == Batch.Status.RUNNING and batch.attempts == attempt, batch.error
+        waiting = DBTaskResult.objects.get(status="READY")
+        assert delay - 1 < (waiting.run_after - timezone.now()).total_seconds() <= delay
+        call_command("run_worker", "--batch")  # too early: the retry waits for its time
+        batch.refresh_from_db()
+        assert batch.attempts == attempt
+        DBTaskResult.objects.filter(pk=waiting.pk).update(run_after=timezone.now())  # its time has come
+    call_command("run_worker", "--batch")
     batch.refresh_from_db()
     assert batch.status == Batch.Status.FAILED and batch.attempts == 3

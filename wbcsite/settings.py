@@ -300,6 +300,9 @@ WBC_URL_FETCH_SECONDS = env_int("WBC_URL_FETCH_SECONDS", 15)
 WBC_URL_FETCHES_PER_USER = env_int("WBC_URL_FETCHES_PER_USER", 2)
 WBC_BATCH_URL_BUDGET_SECONDS = env_int("WBC_BATCH_URL_BUDGET_SECONDS", 120)
 WBC_BATCH_MAX_ATTEMPTS = env_int("WBC_BATCH_MAX_ATTEMPTS", 3)  # a chunk whose task keeps failing fails its batch
+# A chunk whose task failed is tried again after this many seconds, doubled at each further attempt (5, 10, ...):
+# a short outage (S3 down for a few seconds) is ridden out instead of using up the attempts at once.
+WBC_BATCH_RETRY_SECONDS = env_int("WBC_BATCH_RETRY_SECONDS", 5)
 # A batch is split into chunks of about WBC_CHUNK_SIZE images; each chunk is one task, so several workers share it.
 WBC_CHUNK_SIZE = max(1, env_int("WBC_CHUNK_SIZE", 128))
 # ONNX Runtime threads per inference session in the worker (0: ONNX Runtime's default, one per core).
