@@ -235,9 +235,11 @@ def markdown(table: str, args) -> str:
         "('turns 4': how many draws the cross-validation chose that for). Its 'head' rows evaluate the new head on "
         "cached features of the unseen cells as it is served; 'served' in results.jsonl checks the seed-0 model end to "
         "end through its saved file and evaluate_model.\n\n"
-        "History: before quarter turns (4 random augmented views, the image alone), the head reached, with MobileNetV2 "
-        "fine-tuned, 63.1 ± 7.6% (k = 5), 70.5 ± 4.8% (k = 10) and 77.3 ± 1.2% (k = 20) on 3 draws; 'bn' 20.8% and "
-        "'finetune' 74.6% at k = 20 (one draw). Methods other than 'head' were not rerun on this shared machine.\n\n"
+        "Every method ('bn', 'head', 'finetune') and the cross-validated choice ('auto') were run for each model and "
+        "k (`--methods head,bn,finetune`), 5 draws each; the seconds are per draw for all the candidates, with two "
+        "such runs sharing the 2 cores. History: before quarter turns (4 random augmented views, the image alone), "
+        "the head reached, with MobileNetV2 fine-tuned, 63.1 ± 7.6% (k = 5), 70.5 ± 4.8% (k = 10) and 77.3 ± 1.2% "
+        "(k = 20) on 3 draws (the section below).\n\n"
         + table
         + "\n"
     )

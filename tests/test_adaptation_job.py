@@ -112,6 +112,16 @@ def start(client, record, **extra):
     return client.post(reverse("adaptation:page"), data)
 
 
+def lab_worker(lab_dirs, models_dir):
+    """The real worker, writing adapted models where the test's settings keep them."""
+    return start_worker(
+        lab_dirs,
+        models_dir,
+        WBC_CUSTOM_MODELS_DIR=str(lab_dirs.WBC_CUSTOM_MODELS_DIR),
+        WBC_ONNX_DIR=str(lab_dirs.WBC_ONNX_DIR),
+    )
+
+
 def wait_until_finished(job: AdaptationJob, worker=None) -> AdaptationJob:
     deadline = time.monotonic() + DEADLINE_SECONDS
     while time.monotonic() < deadline:
@@ -151,12 +161,7 @@ def test_a_lab_adapts_a_model_with_the_real_worker_compares_it_promotes_then_dis
     assert response.url == reverse("adaptation:job", args=[job.pk])
     assert job.counts(TRAIN) == dict.fromkeys(WBC_CLASSES, 6) and job.counts(HELD_BACK) == dict.fromkeys(WBC_CLASSES, 2)
 
-    worker = start_worker(
-        lab_dirs,
-        models_dir,
-        WBC_CUSTOM_MODELS_DIR=str(lab_dirs.WBC_CUSTOM_MODELS_DIR),
-        WBC_ONNX_DIR=str(lab_dirs.WBC_ONNX_DIR),
-    )
+    worker = lab_worker(lab_dirs, models_dir)
     try:
         job = wait_until_finished(job, worker)
     finally:
@@ -336,12 +341,7 @@ def test_batches_go_on_while_an_adaptation_trains_and_a_stopped_worker_fails_the
     signed_slide(model_admin, tiny_record, dict.fromkeys(WBC_CLASSES, 8))
     assert start(admin_client, tiny_record).status_code == 302
     job = AdaptationJob.objects.get()
-    worker = start_worker(
-        lab_dirs,
-        models_dir,
-        WBC_CUSTOM_MODELS_DIR=str(lab_dirs.WBC_CUSTOM_MODELS_DIR),
-        WBC_ONNX_DIR=str(lab_dirs.WBC_ONNX_DIR),
-    )
+    worker = lab_worker(lab_dirs, models_dir)
     try:
         wait_for_stage(job, "fine-tuning")
         # The one worker process classifies a new batch while the job trains (before, the batch waited behind it).
