@@ -239,9 +239,7 @@ def markdown(table: str, args) -> str:
         "k (`--methods head,bn,finetune`), 5 draws each; the seconds are per draw for all the candidates, with two "
         "such runs sharing the 2 cores. History: before quarter turns (4 random augmented views, the image alone), "
         "the head reached, with MobileNetV2 fine-tuned, 63.1 ± 7.6% (k = 5), 70.5 ± 4.8% (k = 10) and 77.3 ± 1.2% "
-        "(k = 20) on 3 draws (the section below).\n\n"
-        + table
-        + "\n"
+        "(k = 20) on 3 draws (the section below).\n\n" + table + "\n"
     )
 
 
