@@ -158,7 +158,7 @@ def run_model(args, arch: str, results_path: Path) -> None:
                 cv = {"cv_accuracy": candidate.cv["accuracy"], "cv_macro_f1": candidate.cv["macro_f1"]}
                 if (arch, method, k, seed) not in done:
                     record(method, k, seed, rows, report, seconds, candidate.params, cv)
-            best = choose(candidates)
+            best = choose(candidates, y_all[rows], seed)
             report, adapted = evaluated[best.method]
             adapted.candidates = candidates
             extra = {"chosen": best.method}

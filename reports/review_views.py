@@ -24,7 +24,7 @@ from accounts.models import LabSettings
 from accounts.scoping import get_scoped_or_404
 from classifier.models import Prediction
 
-from . import review
+from . import review, thumbnails
 from .differential import (
     CellRow,
     build_differential,
@@ -236,7 +236,7 @@ def cell_thumb(request: HttpRequest, uid, item_id: int) -> FileResponse:
     item = batch.items.filter(pk=item_id).first()
     if item is None or not item.thumbnail:
         raise Http404("No thumbnail.")
-    response = FileResponse(item.thumbnail.open("rb"), content_type="image/webp")
+    response = FileResponse(item.thumbnail.open("rb"), content_type=thumbnails.content_type(item.thumbnail.name))
     response["Cache-Control"] = "private, max-age=86400"
     return response
 

@@ -177,6 +177,31 @@ def test_batchnorm_statistics_are_re_estimated_from_any_number_of_cells(cells):
     assert np.allclose(moving_mean, (x / 255.0).mean(axis=(0, 1, 2)), atol=0.01)
 
 
+def oof_guesses(labels: np.ndarray, right: int, seed: int) -> np.ndarray:
+    """One-hot out-of-fold probabilities that get exactly ``right`` of the cells right (the others off by one)."""
+    hits = np.random.default_rng(seed).permutation(len(labels)) < right
+    predicted = np.where(hits, labels, (labels + 1) % 5)
+    return np.eye(5)[predicted]
+
+
+@pytest.mark.parametrize(("finetune_right", "chosen"), [(42, "head"), (58, "finetune")])
+def test_the_more_complex_method_is_chosen_only_when_it_wins_by_more_than_the_noise(finetune_right, chosen):
+    from wbc_ml.adaptation import Candidate, choose
+    from wbc_ml.adaptation.cv import oof_summary
+
+    labels = np.repeat(np.arange(5), 12)
+    candidates = {
+        method: Candidate(method, {}, probs, oof_summary(labels, probs))
+        for method, probs in (
+            ("bn", oof_guesses(labels, 12, seed=0)),
+            ("head", oof_guesses(labels, 40, seed=1)),
+            ("finetune", oof_guesses(labels, finetune_right, seed=2)),
+        )
+    }
+    assert candidates["finetune"].cv["macro_f1"] > candidates["head"].cv["macro_f1"]  # finetune wins the CV both times
+    assert choose(candidates, labels).method == chosen
+
+
 def test_evaluating_unseen_cells_needs_an_adapted_model(lab):
     base, folder = lab
     with pytest.raises(CommandError, match="needs an adapted model"):

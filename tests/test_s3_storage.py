@@ -77,7 +77,7 @@ def test_a_batch_is_classified_by_a_worker_with_every_file_in_s3(
         assert item.image.name in keys and s3_media.read(item.image.name) == entry.data
         assert item.prediction.image.name == item.image.name  # the prediction names the stored file, no copy
         assert item.thumbnail.name in keys
-        assert Image.open(io.BytesIO(s3_media.read(item.thumbnail.name))).format == "WEBP"
+        assert Image.open(io.BytesIO(s3_media.read(item.thumbnail.name))).format == "JPEG"
         assert item.prediction.model_sha256 == tiny_record.sha256
     # the worker served the ONNX copy it fetched into its own cache, checked against the registered sha256
     cached = worker_folders["cache"] / "onnx" / tiny_record.onnx_file_name

@@ -1,4 +1,4 @@
-"""The review gallery's thumbnails: small WebPs made once by the worker while it classifies."""
+"""The review gallery's thumbnails: small JPEGs made once by the worker while it classifies."""
 
 import io
 
@@ -23,11 +23,11 @@ def _media_files(settings, folder: str) -> list:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def test_a_thumbnail_is_a_small_webp_with_the_image_proportions():
+def test_a_thumbnail_is_a_small_jpeg_with_the_image_proportions():
     image = decode_image(image_bytes(size=(360, 240), fmt="JPEG"), name="wide.jpg")
     data = make_thumbnail(image)
     thumbnail = Image.open(io.BytesIO(data))
-    assert thumbnail.format == "WEBP"
+    assert thumbnail.format == "JPEG"
     assert thumbnail.size == (THUMBNAIL_PX, 64)  # 360×240 keeps its 3:2 shape
     assert len(data) < 6_000
     assert image.size == (360, 240)  # the decoded image the model needs is left untouched
@@ -46,16 +46,35 @@ def test_the_worker_stores_one_thumbnail_per_classified_cell(technologist, tiny_
     done = list(batch.items.filter(status=BatchItem.Status.DONE).order_by("position"))
     assert len(done) == 3
     for item in done:
-        assert item.thumbnail.name.startswith("thumbnails/") and item.thumbnail.name.endswith(".webp")
+        assert item.thumbnail.name.startswith("thumbnails/") and item.thumbnail.name.endswith(".jpg")
         with item.thumbnail.open("rb") as handle:
             thumbnail = Image.open(handle)
             thumbnail.load()
-        assert thumbnail.format == "WEBP" and thumbnail.size == (THUMBNAIL_PX, 88)
+        assert thumbnail.format == "JPEG" and thumbnail.size == (THUMBNAIL_PX, 88)
         with item.image.open("rb") as handle:
             assert Image.open(handle).size == (120, 110)  # the original stays as it was uploaded
     damaged.refresh_from_db()
     assert damaged.status == BatchItem.Status.FAILED and not damaged.thumbnail
     assert len(_media_files(settings, "thumbnails")) == 3
+
+
+def test_the_gallery_serves_each_thumbnail_with_its_own_type(client, technologist, tiny_record):
+    from django.core.files.base import ContentFile
+    from django.urls import reverse
+
+    batch = submit_batch(technologist, [NamedBytes("cell.png", image_bytes(size=(120, 110)))], tiny_record, name="S")
+    assert process_batch_now(batch.pk) == "done"
+    item = batch.items.get()
+    client.force_login(technologist)
+    url = reverse("reports:cell_thumb", args=[batch.uid, item.pk])
+    response = client.get(url)
+    assert response["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(b"".join(response.streaming_content))).format == "JPEG"
+
+    webp = io.BytesIO()
+    Image.new("RGB", (96, 88), (200, 120, 160)).save(webp, format="WEBP")
+    item.thumbnail.save("older.webp", ContentFile(webp.getvalue()))  # a thumbnail made before JPEG
+    assert client.get(url)["Content-Type"] == "image/webp"
 
 
 def _refuse_linking_items():

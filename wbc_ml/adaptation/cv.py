@@ -33,6 +33,19 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float
     return float(f1.mean())
 
 
+def paired_se(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, seed: int = 0) -> float:
+    """Standard error of macro-F1(a) - macro-F1(b) on the same cells, by bootstrap over cells (paired resamples)."""
+    labels = np.asarray(labels)
+    n_classes = probs_a.shape[1]
+    predicted_a, predicted_b = probs_a.argmax(axis=1), probs_b.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    differences = [
+        macro_f1(labels[idx], predicted_a[idx], n_classes) - macro_f1(labels[idx], predicted_b[idx], n_classes)
+        for idx in (rng.integers(0, len(labels), len(labels)) for _ in range(BOOTSTRAP_ROUNDS))
+    ]
+    return float(np.std(differences, ddof=1))
+
+
 def oof_summary(labels: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict:
     """Accuracy (Wilson 95%) and macro-F1 (bootstrap 95% over cells) of out-of-fold predictions."""
     labels = np.asarray(labels)

@@ -17,7 +17,7 @@ from ..training.cards import hardware, versions
 from ..training.config import Log
 from .cells import cell_key, files_digest
 from .detectors import LAB_DISTANCE_QUANTILE
-from .pipeline import Adaptation, AdaptConfig, Adapted, choose, non_wbc_sample
+from .pipeline import CHOICE_RULE, Adaptation, AdaptConfig, Adapted, choose, non_wbc_sample
 from .progress import SAVE_UNITS, Progress
 
 NON_WBC_PER_KIND = 50
@@ -67,7 +67,7 @@ def adapt_model(
     non_wbc = datasets.load_arrays([datasets.Sample(p, -1) for p in non_wbc_paths], size)[0] if non_wbc_paths else None
     adaptation = Adaptation(base_path, base_card, x, labels, non_wbc, config, log, progress=progress)
     candidates = adaptation.candidates()
-    adapted = adaptation.finalize(choose(candidates))
+    adapted = adaptation.finalize(choose(candidates, labels, config.seed))
     adapted.candidates = candidates
     progress.at("writing the model and its card")
     card = write_adapted(
@@ -145,8 +145,7 @@ def write_adapted(
             "method_description": METHOD_TEXT[candidate.method],
             "params": candidate.params,
             "chosen_by": (
-                "the highest out-of-fold macro-F1 (then accuracy) of a stratified "
-                f"{adapted.folds}-fold cross-validation over the adaptation cells only"
+                f"{CHOICE_RULE}, in a stratified {adapted.folds}-fold cross-validation over the adaptation cells only"
             ),
             "candidates": [_cv_entry(c) for c in adapted.candidates.values()],
             "config": {

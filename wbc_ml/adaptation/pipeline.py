@@ -29,7 +29,7 @@ from ..preprocessing import Normalization
 from ..training.augmentation import augment_batch, jitter_colours
 from ..training.config import Log
 from ..turns import SYMMETRIES, symmetries, turn_views
-from .cv import MAX_FOLDS, folds, oof_summary
+from .cv import MAX_FOLDS, folds, oof_summary, paired_se
 from .detectors import fit_lab_detectors
 from .finetune import cross_validate as cross_validate_finetune
 from .finetune import finetune as finetune_tail
@@ -311,10 +311,26 @@ def _copy(parts: Parts) -> Parts:
     return cut(clone)
 
 
-def choose(candidates: dict[str, Candidate]) -> Candidate:
-    """The best cross-validated candidate; on a tie the simpler method (bn, then head, then finetune)."""
+CHOICE_RULE = (
+    "the simplest method (bn, then head, then finetune) whose out-of-fold macro-F1 is within one standard error of "
+    "the best's (the one-standard-error rule; the error of the paired difference, by bootstrap over the cells)"
+)
+
+
+def choose(candidates: dict[str, Candidate], labels: np.ndarray, seed: int = 0) -> Candidate:
+    """The candidate to serve, by :data:`CHOICE_RULE`.
+
+    On a few dozen cells a more complex method often wins the cross-validation by chance: the one-standard-error
+    rule (Breiman et al. 1984; Hastie, Tibshirani and Friedman, ESL 7.10) keeps the simpler one unless the
+    difference is larger than the cross-validation's own noise.
+    """
     ordered = [candidates[m] for m in METHODS if m in candidates]
-    return max(ordered, key=lambda c: (round(c.cv["macro_f1"], 6), round(c.cv["accuracy"], 6)))
+    best = _best(ordered)
+    for candidate in ordered:  # simplest first
+        gap = best.cv["macro_f1"] - candidate.cv["macro_f1"]
+        if candidate is best or gap <= paired_se(labels, best.oof_probs, candidate.oof_probs, seed):
+            return candidate
+    return best
 
 
 def non_wbc_sample(data_dir: Path, per_kind: int) -> list[Path]:
