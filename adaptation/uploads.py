@@ -39,7 +39,7 @@ def checked_entries(uploaded, class_names: list[str]) -> list[tuple[str, str, by
     """(class, entry name, bytes) of every image of the archive; raises :class:`UploadRefused` with every problem."""
     entries = expand_uploads([uploaded], batch_limits())
     problems, accepted = [], []
-    for entry in map(checked_upload, entries):  # each image decoded like a batch's, within the same limits
+    for entry in (checked_upload(e, decode=True) for e in entries):  # decoded: training reads them later
         if entry.error or entry.data is None:
             problems.append(entry.error or f"{entry.name}: not read")
             continue

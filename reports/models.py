@@ -121,7 +121,9 @@ class BatchItem(models.Model):
         max_length=2000, blank=True, help_text="an image URL (without credentials) the worker fetches"
     )
     thumbnail = models.FileField(
-        upload_to="thumbnails/%Y/%m/", blank=True, help_text="small JPEG for the review gallery (WebP before), made by the worker"
+        upload_to="thumbnails/%Y/%m/",
+        blank=True,
+        help_text="small JPEG for the review gallery (WebP before), made by the worker",
     )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
     error = models.CharField(max_length=500, blank=True)

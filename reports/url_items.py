@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 
 from classifier.fetch import UrlRefused, fetch_url
-from wbc_ml.preprocessing import ImageRejected, decode_image, sniff_image_type
+from wbc_ml.preprocessing import ImageRejected, open_image, sniff_image_type
 
 from .chunks import ChunkLease
 from .models import Batch, BatchItem, worker_file_name
@@ -44,12 +44,11 @@ def _download(item: BatchItem, deadline: float, budget: float) -> tuple[str, byt
     try:
         timeout = max(0.1, round(min(settings.WBC_URL_FETCH_SECONDS, left), 1))  # "3 seconds", not "2.99998"
         name, data = fetch_url(item.source_url, total_timeout=timeout)
-        decode_image(
+        open_image(  # classification decodes it, and fails a damaged one with its reason
             data,
             name=item.original_filename,  # refusals name the item as the user knows it
             max_bytes=settings.WBC_MAX_IMAGE_BYTES,
             max_pixels=settings.WBC_MAX_IMAGE_PIXELS,
-            reduced=True,  # classification decodes it at full size; here only the refusals matter
         )
     except (UrlRefused, ImageRejected) as exc:
         return str(exc)

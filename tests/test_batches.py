@@ -57,6 +57,21 @@ def test_one_bad_file_never_sinks_a_batch(technologist, tiny_record):
     assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
 
 
+def test_a_truncated_image_is_stored_and_failed_by_the_worker_with_its_reason(technologist, tiny_record):
+    # The submission checks what needs no decoding; the worker decodes every image once and names the damage.
+    whole = image_bytes(size=(120, 110), fmt="JPEG")
+    entries = [*_entries(2), NamedBytes("half.jpg", whole[: len(whole) // 2])]
+    batch = submit_batch(technologist, entries, tiny_record, name="Slide with a truncated file")
+    assert batch.items.filter(status=BatchItem.Status.PENDING).count() == 3
+    _run_worker()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.DONE
+    failed = batch.items.get(status=BatchItem.Status.FAILED)
+    assert failed.original_filename == "half.jpg" and "half.jpg: the image is damaged or truncated" in failed.error
+    assert failed.prediction is None
+    assert batch.items.filter(status=BatchItem.Status.DONE).count() == 2
+
+
 def test_a_batch_that_cannot_be_stored_leaves_no_files_behind(technologist, tiny_record, settings):
     submit_batch(technologist, _entries(2), tiny_record, name="First", idempotency_key="K-1")
     files_before = sorted(p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file())

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import image_bytes
-from wbc_ml.preprocessing import ImageRejected, Normalization, decode_image, load_pixels, resize
+from wbc_ml.preprocessing import ImageRejected, Normalization, decode_image, load_pixels, open_image, resize
 
 
 def test_scale01_maps_0_255_to_unit_interval():
@@ -124,3 +124,18 @@ def test_decompression_bomb_is_refused():
 def test_empty_file_is_refused():
     with pytest.raises(ImageRejected, match="empty"):
         decode_image(b"", name="nothing.png")
+
+
+def test_opening_an_upload_refuses_without_decoding_and_leaves_a_damaged_stream_to_the_decoder():
+    data = image_bytes(size=(360, 363), fmt="JPEG")
+    assert open_image(data[: len(data) // 2], name="half.jpg").size == (360, 363)  # only decoding finds this
+    for source, limits, reason in (
+        (b"", {}, "empty"),
+        (b"not an image", {}, "not a readable image"),
+        (image_bytes(fmt="GIF"), {}, "unsupported image type"),
+        (data, {"max_pixels": 360 * 363 - 1}, "too large"),
+        (data, {"max_bytes": 100}, "larger than"),
+        (image_bytes(size=(12, 40), fmt="JPEG"), {}, "too small"),
+    ):
+        with pytest.raises(ImageRejected, match=reason):
+            open_image(source, name="cell.jpg", **limits)

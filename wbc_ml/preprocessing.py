@@ -101,20 +101,20 @@ def _is_rgb_triplet(value: object) -> bool:
     )
 
 
-def decode_image(
+def open_image(
     source: bytes | BinaryIO,
     *,
     name: str = "image",
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    reduced: bool = False,
 ) -> Image.Image:
-    """Decode a JPEG/PNG fully, honour EXIF orientation and return an RGB image.
+    """Open a JPEG/PNG without decoding its pixels, with every refusal that needs none.
 
-    The type is decided by what Pillow decodes, never by the file name. Every refusal raises
-    :class:`ImageRejected` with a sentence that names the file and the reason. ``reduced=True`` (for
-    checking an upload that is classified later) decodes a JPEG's whole stream at 1/8 scale: the same
-    refusals (truncation included) at about half the cost, but the returned image is small.
+    Empty, too many bytes, not a JPEG or PNG (by what Pillow reads, never by the file name), too many pixels (a
+    decompression bomb), too small: each raises :class:`ImageRejected` with a sentence that names the file and the
+    reason. A damaged or truncated pixel stream is found only by decoding it (:func:`decode_image`). Batches check
+    their uploads with this alone, because the worker decodes every image anyway and fails a damaged one with
+    its reason.
     """
     data = source if isinstance(source, bytes) else source.read(max_bytes + 1)
     if not data:
@@ -125,20 +125,6 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            fmt = image.format
-            if fmt not in ALLOWED_FORMATS:
-                raise ImageRejected(f"{name}: unsupported image type ({fmt or 'unknown'}); upload a JPEG or PNG.")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected(
-                    f"{name}: the image is too large ({width}x{height} pixels; "
-                    f"the limit is {max_pixels // 1_000_000} megapixels)."
-                )
-            if reduced and fmt == "JPEG":
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except ImageRejected:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(
             f"{name}: refused as a possible decompression bomb (too many pixels to decode safely)."
@@ -146,9 +132,48 @@ def decode_image(
     except UnidentifiedImageError as exc:
         raise ImageRejected(f"{name}: not a readable image; upload a JPEG or PNG.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"{name}: the image is damaged or truncated ({exc}).") from exc
+        raise _damaged(name, exc) from exc
+    fmt = image.format
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageRejected(f"{name}: unsupported image type ({fmt or 'unknown'}); upload a JPEG or PNG.")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            f"{name}: the image is too large ({width}x{height} pixels; "
+            f"the limit is {max_pixels // 1_000_000} megapixels)."
+        )
     if min(width, height) < DEFAULT_MIN_SIDE:
         raise ImageRejected(f"{name}: the image is too small ({width}x{height} pixels).")
+    return image
+
+
+def _damaged(name: str, error: Exception) -> ImageRejected:
+    return ImageRejected(f"{name}: the image is damaged or truncated ({error}).")
+
+
+def decode_image(
+    source: bytes | BinaryIO,
+    *,
+    name: str = "image",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduced: bool = False,
+) -> Image.Image:
+    """Decode a JPEG/PNG fully, honour EXIF orientation and return an RGB image.
+
+    The refusals of :func:`open_image`, and a damaged or truncated pixel stream, raise :class:`ImageRejected`.
+    ``reduced=True`` (for checking a file that is used later, e.g. an adaptation upload) decodes a JPEG's whole
+    stream at 1/8 scale: the same refusals (truncation included) at about half the cost, but the returned image is
+    small.
+    """
+    image = open_image(source, name=name, max_bytes=max_bytes, max_pixels=max_pixels)
+    width, height = image.size
+    try:
+        if reduced and image.format == "JPEG":
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _damaged(name, exc) from exc
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
     if image.mode != "RGB":
         image = _to_rgb(image)
