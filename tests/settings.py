@@ -20,7 +20,7 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 MEDIA_ROOT = _own_temp_dir("wbc-test-media-")
 _FOLDER = "classifier.model_files.SettingFolderStorage"
 STORAGES = {  # local folders whatever the environment says; tests/s3.py points a test at S3 on loopback
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": LOCAL_MEDIA,  # noqa: F405
     "models": {"BACKEND": _FOLDER, "OPTIONS": {"setting": "WBC_CUSTOM_MODELS_DIR"}},
     "onnx": {"BACKEND": _FOLDER, "OPTIONS": {"setting": "WBC_ONNX_DIR"}},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},

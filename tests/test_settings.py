@@ -109,6 +109,18 @@ def test_media_goes_through_storages_and_s3_is_a_setting(tmp_path):
     assert result.stdout.strip() == "storages.backends.s3.S3Storage", result.stderr
 
 
+def test_a_local_media_file_is_written_under_the_name_given(settings, tmp_path):
+    # Media names carry a uuid: no search for a free name (no existence check per file), as on S3.
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import storages
+
+    settings.MEDIA_ROOT = tmp_path
+    media = storages.create_storage(settings.STORAGES["default"])
+    assert media.save("batches/a.jpg", ContentFile(b"first")) == "batches/a.jpg"
+    assert media.save("batches/a.jpg", ContentFile(b"second")) == "batches/a.jpg"
+    assert (tmp_path / "batches" / "a.jpg").read_bytes() == b"second"
+
+
 def test_production_refuses_to_start_without_a_secret_key(tmp_path):
     """A key made up per host would make every host's token digests (and sessions) differ."""
     key_file = tmp_path / "secret_key"
