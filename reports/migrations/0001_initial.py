@@ -8,180 +8,84 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     initial = True
 
     dependencies = [
-        ("accounts", "0001_initial"),
-        ("classifier", "0001_initial"),
+        ('accounts', '0001_initial'),
+        ('classifier', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name="Batch",
+            name='Batch',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("uid", models.UUIDField(default=uuid.uuid4, editable=False, unique=True)),
-                ("name", models.CharField(max_length=200)),
-                (
-                    "external_id",
-                    models.CharField(blank=True, db_index=True, help_text="LIS sample/accession id", max_length=100),
-                ),
-                ("normalization", models.JSONField(blank=True, default=dict, help_text="empty: the model's own")),
-                (
-                    "threshold",
-                    models.FloatField(
-                        default=0.85,
-                        validators=[
-                            django.core.validators.MinValueValidator(0.5),
-                            django.core.validators.MaxValueValidator(0.99),
-                        ],
-                    ),
-                ),
-                (
-                    "status",
-                    models.CharField(
-                        choices=[("queued", "Queued"), ("running", "Running"), ("done", "Done"), ("failed", "Failed")],
-                        db_index=True,
-                        default="queued",
-                        max_length=10,
-                    ),
-                ),
-                ("error", models.TextField(blank=True)),
-                ("lease", models.UUIDField(blank=True, help_text="the worker run that holds the batch", null=True)),
-                ("heartbeat_at", models.DateTimeField(blank=True, null=True)),
-                ("idempotency_key", models.CharField(blank=True, max_length=200)),
-                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
-                ("started_at", models.DateTimeField(blank=True, null=True)),
-                ("finished_at", models.DateTimeField(blank=True, null=True)),
-                (
-                    "laboratory",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="batches", to="accounts.laboratory"
-                    ),
-                ),
-                (
-                    "model",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="batches",
-                        to="classifier.classifiermodel",
-                    ),
-                ),
-                (
-                    "user",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT, related_name="batches", to=settings.AUTH_USER_MODEL
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('uid', models.UUIDField(default=uuid.uuid4, editable=False, unique=True)),
+                ('name', models.CharField(max_length=200)),
+                ('external_id', models.CharField(blank=True, db_index=True, help_text='LIS sample/accession id', max_length=100)),
+                ('normalization', models.JSONField(blank=True, default=dict, help_text="empty: the model's own")),
+                ('threshold', models.FloatField(default=0.85, validators=[django.core.validators.MinValueValidator(0.5), django.core.validators.MaxValueValidator(0.99)])),
+                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('done', 'Done'), ('failed', 'Failed')], db_index=True, default='queued', max_length=10)),
+                ('error', models.TextField(blank=True)),
+                ('lease', models.UUIDField(blank=True, help_text='the worker run that holds the batch', null=True)),
+                ('heartbeat_at', models.DateTimeField(blank=True, null=True)),
+                ('idempotency_key', models.CharField(blank=True, max_length=200)),
+                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
+                ('started_at', models.DateTimeField(blank=True, null=True)),
+                ('finished_at', models.DateTimeField(blank=True, null=True)),
+                ('laboratory', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='batches', to='accounts.laboratory')),
+                ('model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='batches', to='classifier.classifiermodel')),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='batches', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "verbose_name_plural": "batches",
-                "ordering": ["-created_at", "-id"],
+                'verbose_name_plural': 'batches',
+                'ordering': ['-created_at', '-id'],
             },
         ),
         migrations.CreateModel(
-            name="BatchItem",
+            name='BatchItem',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("position", models.PositiveIntegerField()),
-                ("original_filename", models.CharField(max_length=255)),
-                ("image", models.FileField(blank=True, upload_to="batches/%Y/%m/")),
-                (
-                    "status",
-                    models.CharField(
-                        choices=[("pending", "Pending"), ("done", "Done"), ("failed", "Failed")],
-                        db_index=True,
-                        default="pending",
-                        max_length=10,
-                    ),
-                ),
-                ("error", models.CharField(blank=True, max_length=500)),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="items", to="reports.batch"
-                    ),
-                ),
-                (
-                    "prediction",
-                    models.OneToOneField(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="batch_item",
-                        to="classifier.prediction",
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('position', models.PositiveIntegerField()),
+                ('original_filename', models.CharField(max_length=255)),
+                ('image', models.FileField(blank=True, upload_to='batches/%Y/%m/')),
+                ('status', models.CharField(choices=[('pending', 'Pending'), ('done', 'Done'), ('failed', 'Failed')], db_index=True, default='pending', max_length=10)),
+                ('error', models.CharField(blank=True, max_length=500)),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='items', to='reports.batch')),
+                ('prediction', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='batch_item', to='classifier.prediction')),
             ],
             options={
-                "ordering": ["position", "id"],
+                'ordering': ['position', 'id'],
             },
         ),
         migrations.CreateModel(
-            name="EvaluationRun",
+            name='EvaluationRun',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("uid", models.UUIDField(default=uuid.uuid4, editable=False, unique=True)),
-                ("model_version", models.CharField(max_length=40)),
-                (
-                    "threshold",
-                    models.FloatField(
-                        validators=[
-                            django.core.validators.MinValueValidator(0.5),
-                            django.core.validators.MaxValueValidator(0.99),
-                        ]
-                    ),
-                ),
-                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
-                ("labels_sha256", models.CharField(max_length=64)),
-                ("labels_filename", models.CharField(max_length=255)),
-                ("n_labelled", models.PositiveIntegerField(help_text="classified images with a usable label")),
-                ("metrics", models.JSONField(default=dict)),
-                ("problems", models.JSONField(default=dict)),
-                ("confusion_png", models.FileField(blank=True, upload_to="evaluations/")),
-                ("roc_png", models.FileField(blank=True, upload_to="evaluations/")),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="evaluation_runs", to="reports.batch"
-                    ),
-                ),
-                (
-                    "laboratory",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="evaluation_runs",
-                        to="accounts.laboratory",
-                    ),
-                ),
-                (
-                    "model",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="evaluation_runs",
-                        to="classifier.classifiermodel",
-                    ),
-                ),
-                (
-                    "user",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="evaluation_runs",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('uid', models.UUIDField(default=uuid.uuid4, editable=False, unique=True)),
+                ('model_version', models.CharField(max_length=40)),
+                ('threshold', models.FloatField(validators=[django.core.validators.MinValueValidator(0.5), django.core.validators.MaxValueValidator(0.99)])),
+                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
+                ('labels_sha256', models.CharField(max_length=64)),
+                ('labels_filename', models.CharField(max_length=255)),
+                ('n_labelled', models.PositiveIntegerField(help_text='classified images with a usable label')),
+                ('metrics', models.JSONField(default=dict)),
+                ('problems', models.JSONField(default=dict)),
+                ('confusion_png', models.FileField(blank=True, upload_to='evaluations/')),
+                ('roc_png', models.FileField(blank=True, upload_to='evaluations/')),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='evaluation_runs', to='reports.batch')),
+                ('laboratory', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='evaluation_runs', to='accounts.laboratory')),
+                ('model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='evaluation_runs', to='classifier.classifiermodel')),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='evaluation_runs', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "ordering": ["-created_at", "-id"],
+                'ordering': ['-created_at', '-id'],
             },
         ),
         migrations.AddConstraint(
-            model_name="batch",
-            constraint=models.UniqueConstraint(
-                condition=models.Q(("idempotency_key", ""), _negated=True),
-                fields=("laboratory", "idempotency_key"),
-                name="unique_batch_idempotency_key_per_lab",
-            ),
+            model_name='batch',
+            constraint=models.UniqueConstraint(condition=models.Q(('idempotency_key', ''), _negated=True), fields=('laboratory', 'idempotency_key'), name='unique_batch_idempotency_key_per_lab'),
         ),
     ]

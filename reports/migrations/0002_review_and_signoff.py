@@ -7,103 +7,51 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("reports", "0001_initial"),
+        ('reports', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name="batch",
-            name="wbc_count",
-            field=models.FloatField(
-                blank=True,
-                help_text="total WBC count of the sample, ×10⁹/L (optional: gives absolute counts)",
-                null=True,
-                validators=[
-                    django.core.validators.MinValueValidator(0.0),
-                    django.core.validators.MaxValueValidator(1000.0),
-                ],
-            ),
+            model_name='batch',
+            name='wbc_count',
+            field=models.FloatField(blank=True, help_text='total WBC count of the sample, ×10⁹/L (optional: gives absolute counts)', null=True, validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1000.0)]),
         ),
         migrations.AddField(
-            model_name="batchitem",
-            name="thumbnail",
-            field=models.FileField(
-                blank=True,
-                help_text="small WebP for the review gallery, made by the worker",
-                upload_to="thumbnails/%Y/%m/",
-            ),
+            model_name='batchitem',
+            name='thumbnail',
+            field=models.FileField(blank=True, help_text='small WebP for the review gallery, made by the worker', upload_to='thumbnails/%Y/%m/'),
         ),
         migrations.CreateModel(
-            name="CellVerification",
+            name='CellVerification',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                (
-                    "verified_class",
-                    models.CharField(help_text="a WBC class or one of the lab's cell categories", max_length=40),
-                ),
-                ("verified_at", models.DateTimeField()),
-                (
-                    "item",
-                    models.OneToOneField(
-                        on_delete=django.db.models.deletion.PROTECT, related_name="verification", to="reports.batchitem"
-                    ),
-                ),
-                (
-                    "verified_by",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT, related_name="+", to=settings.AUTH_USER_MODEL
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('verified_class', models.CharField(help_text="a WBC class or one of the lab's cell categories", max_length=40)),
+                ('verified_at', models.DateTimeField()),
+                ('item', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='verification', to='reports.batchitem')),
+                ('verified_by', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
             ],
         ),
         migrations.CreateModel(
-            name="ReportVersion",
+            name='ReportVersion',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("number", models.PositiveIntegerField()),
-                ("amendment_reason", models.TextField(blank=True)),
-                ("opened_at", models.DateTimeField()),
-                ("signed_at", models.DateTimeField(blank=True, null=True)),
-                ("countersigned_at", models.DateTimeField(blank=True, null=True)),
-                ("snapshot", models.JSONField(blank=True, default=dict)),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT, related_name="report_versions", to="reports.batch"
-                    ),
-                ),
-                (
-                    "countersigned_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                (
-                    "opened_by",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT, related_name="+", to=settings.AUTH_USER_MODEL
-                    ),
-                ),
-                (
-                    "signed_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('number', models.PositiveIntegerField()),
+                ('amendment_reason', models.TextField(blank=True)),
+                ('opened_at', models.DateTimeField()),
+                ('signed_at', models.DateTimeField(blank=True, null=True)),
+                ('countersigned_at', models.DateTimeField(blank=True, null=True)),
+                ('snapshot', models.JSONField(blank=True, default=dict)),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='report_versions', to='reports.batch')),
+                ('countersigned_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('opened_by', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('signed_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "ordering": ["batch", "number"],
-                "constraints": [models.UniqueConstraint(fields=("batch", "number"), name="unique_report_version")],
+                'ordering': ['batch', 'number'],
+                'constraints': [models.UniqueConstraint(fields=('batch', 'number'), name='unique_report_version')],
             },
         ),
     ]

@@ -4,16 +4,15 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("reports", "0003_batch_attempts_url_items_worker_heartbeat"),
+        ('reports', '0003_batch_attempts_url_items_worker_heartbeat'),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name="batch",
-            name="normalization",
-            field=models.JSONField(
-                blank=True, default=dict, help_text="empty: the model's own", verbose_name="normalisation"
-            ),
+            model_name='batch',
+            name='normalization',
+            field=models.JSONField(blank=True, default=dict, help_text="empty: the model's own", verbose_name='normalisation'),
         ),
     ]

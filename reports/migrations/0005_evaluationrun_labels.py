@@ -4,16 +4,15 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("reports", "0004_normalisation_label"),
+        ('reports', '0004_normalisation_label'),
     ]
 
     operations = [
         migrations.AddField(
-            model_name="evaluationrun",
-            name="labels",
-            field=models.JSONField(
-                blank=True, default=dict, help_text="the true class of every labelled image: batch item id -> class"
-            ),
+            model_name='evaluationrun',
+            name='labels',
+            field=models.JSONField(blank=True, default=dict, help_text='the true class of every labelled image: batch item id -> class'),
         ),
     ]

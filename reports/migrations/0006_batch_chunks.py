@@ -6,63 +6,44 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     dependencies = [
-        ("reports", "0005_evaluationrun_labels"),
+        ('reports', '0005_evaluationrun_labels'),
     ]
 
     operations = [
         migrations.RemoveField(
-            model_name="batch",
-            name="heartbeat_at",
+            model_name='batch',
+            name='heartbeat_at',
         ),
         migrations.RemoveField(
-            model_name="batch",
-            name="lease",
+            model_name='batch',
+            name='lease',
         ),
         migrations.AlterField(
-            model_name="batch",
-            name="attempts",
-            field=models.PositiveIntegerField(
-                default=0, help_text="the most times a worker has taken one of its chunks (1 when nothing went wrong)"
-            ),
+            model_name='batch',
+            name='attempts',
+            field=models.PositiveIntegerField(default=0, help_text='the most times a worker has taken one of its chunks (1 when nothing went wrong)'),
         ),
         migrations.CreateModel(
-            name="BatchChunk",
+            name='BatchChunk',
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("index", models.PositiveIntegerField()),
-                ("first_position", models.PositiveIntegerField()),
-                ("end_position", models.PositiveIntegerField(help_text="one past the position of its last item")),
-                (
-                    "status",
-                    models.CharField(
-                        choices=[("queued", "Queued"), ("running", "Running"), ("done", "Done"), ("failed", "Failed")],
-                        db_index=True,
-                        default="queued",
-                        max_length=10,
-                    ),
-                ),
-                ("lease", models.UUIDField(blank=True, help_text="the worker run that holds the chunk", null=True)),
-                ("heartbeat_at", models.DateTimeField(blank=True, null=True)),
-                (
-                    "queued_at",
-                    models.DateTimeField(
-                        default=django.utils.timezone.now, help_text="when it was (last) put in the queue"
-                    ),
-                ),
-                ("attempts", models.PositiveIntegerField(default=0, help_text="times a worker has taken the chunk")),
-                ("worker_id", models.CharField(blank=True, help_text="the worker that took it last", max_length=64)),
-                ("error", models.TextField(blank=True)),
-                (
-                    "batch",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="chunks", to="reports.batch"
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('index', models.PositiveIntegerField()),
+                ('first_position', models.PositiveIntegerField()),
+                ('end_position', models.PositiveIntegerField(help_text='one past the position of its last item')),
+                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('done', 'Done'), ('failed', 'Failed')], db_index=True, default='queued', max_length=10)),
+                ('lease', models.UUIDField(blank=True, help_text='the worker run that holds the chunk', null=True)),
+                ('heartbeat_at', models.DateTimeField(blank=True, null=True)),
+                ('queued_at', models.DateTimeField(default=django.utils.timezone.now, help_text='when it was (last) put in the queue')),
+                ('attempts', models.PositiveIntegerField(default=0, help_text='times a worker has taken the chunk')),
+                ('worker_id', models.CharField(blank=True, help_text='the worker that took it last', max_length=64)),
+                ('error', models.TextField(blank=True)),
+                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='chunks', to='reports.batch')),
             ],
             options={
-                "ordering": ["batch", "index"],
-                "constraints": [models.UniqueConstraint(fields=("batch", "index"), name="unique_chunk_per_batch")],
+                'ordering': ['batch', 'index'],
+                'constraints': [models.UniqueConstraint(fields=('batch', 'index'), name='unique_chunk_per_batch')],
             },
         ),
     ]
