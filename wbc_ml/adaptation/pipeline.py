@@ -312,24 +312,26 @@ def _copy(parts: Parts) -> Parts:
 
 
 CHOICE_RULE = (
-    "the simplest method (bn, then head, then finetune) whose out-of-fold macro-F1 is within one standard error of "
-    "the best's (the one-standard-error rule; the error of the paired difference, by bootstrap over the cells)"
+    "the highest out-of-fold macro-F1 (then accuracy), except that fine-tuning must beat the new head it starts from "
+    "by more than one standard error of their paired difference (bootstrap over the cells), else the head is kept"
 )
 
 
 def choose(candidates: dict[str, Candidate], labels: np.ndarray, seed: int = 0) -> Candidate:
     """The candidate to serve, by :data:`CHOICE_RULE`.
 
-    On a few dozen cells a more complex method often wins the cross-validation by chance: the one-standard-error
-    rule (Breiman et al. 1984; Hastie, Tibshirani and Friedman, ESL 7.10) keeps the simpler one unless the
-    difference is larger than the cross-validation's own noise.
+    Fine-tuning starts from the new head and trains the last block too: on a few dozen cells it often wins the
+    cross-validation by chance. Between these two nested models the one-standard-error rule (Breiman et al. 1984;
+    Hastie, Tibshirani and Friedman, ESL 7.10) keeps the simpler one unless the difference is larger than the
+    cross-validation's own noise. It is not applied to 'bn', which learns nothing from the labels: on 41 cells its
+    macro-F1 came within one standard error of the head's with a third of the head's accuracy on unseen cells.
     """
-    ordered = [candidates[m] for m in METHODS if m in candidates]
-    best = _best(ordered)
-    for candidate in ordered:  # simplest first
-        gap = best.cv["macro_f1"] - candidate.cv["macro_f1"]
-        if candidate is best or gap <= paired_se(labels, best.oof_probs, candidate.oof_probs, seed):
-            return candidate
+    best = _best([candidates[m] for m in METHODS if m in candidates])
+    head = candidates.get("head")
+    if best.method == "finetune" and head is not None:
+        gap = best.cv["macro_f1"] - head.cv["macro_f1"]
+        if gap <= paired_se(labels, best.oof_probs, head.oof_probs, seed):
+            return head
     return best
 
 
