@@ -66,10 +66,10 @@ class Listener:
                     ack = hl7.parse(
                         str(ack).rstrip("\r") + "\rERR|||207^Application internal error^HL70357|E||||Unknown test code"
                     )
+                if code == "AA" and action != "late":  # a late ACK finds the sender gone: it does not count
+                    self.acked.append(control_id)  # before the ACK leaves, so the sender never sees it first
                 writer.writemessage(ack)
                 await writer.drain()
-                if code == "AA" and action != "late":  # a late ACK finds the sender gone: it does not count
-                    self.acked.append(control_id)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
