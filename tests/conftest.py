@@ -119,6 +119,7 @@ def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "WBC_MODELS_DIR": str(models_dir),
         "WBC_WORKER_WAKEUP_DIR": str(settings.WBC_WORKER_WAKEUP_DIR),
+        "WBC_WORKER_NICE": "0",  # beside the other test process, not a tenth of its CPU share (short leases)
         **env,
     }
     command = [sys.executable, "manage.py", "run_worker"]

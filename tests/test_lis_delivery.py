@@ -145,9 +145,9 @@ def signed_slides(user, record, count: int) -> list:
 def test_every_slide_arrives_in_order_through_refusals_drops_timeouts_and_an_outage(
     lab_a, signer, tiny_record, listener_factory, fast_retries
 ):
-    listener = listener_factory(script=["AA", "AE", "drop", "late"], late_s=1.0)
+    listener = listener_factory(script=["AA", "AE", "drop", "late"], late_s=2.5)
     destination = Destination.objects.create(
-        laboratory=lab_a, name="LIS", kind="mllp", host="127.0.0.1", port=listener.port, timeout_s=0.4
+        laboratory=lab_a, name="LIS", kind="mllp", host="127.0.0.1", port=listener.port, timeout_s=1.0
     )
     versions = signed_slides(signer, tiny_record, 5)
     ids = list(
@@ -215,7 +215,7 @@ def _worker(env_extra: dict) -> subprocess.Popen:
 def test_a_worker_killed_mid_send_loses_nothing(lab_a, signer, tiny_record, listener_factory):
     listener = listener_factory(script=["hang"])  # receives the first message and never answers
     Destination.objects.create(
-        laboratory=lab_a, name="LIS", kind="mllp", host="127.0.0.1", port=listener.port, timeout_s=1.0
+        laboratory=lab_a, name="LIS", kind="mllp", host="127.0.0.1", port=listener.port, timeout_s=5.0
     )
     versions = signed_slides(signer, tiny_record, 3)
     ids = [f"WBC{v.pk}V1" for v in versions]
@@ -234,7 +234,7 @@ def test_a_worker_killed_mid_send_loses_nothing(lab_a, signer, tiny_record, list
     assert first.status == "pending" and first.lease is not None  # claimed, never settled
     assert first.attempts_log.get().finished_at is None  # the interrupted attempt is on record
 
-    # restart at once: the dead worker's lease (3 × the 1 s timeout) still holds, so nothing is sent twice
+    # restart at once: the dead worker's lease (3 × the 5 s timeout) still holds, so nothing is sent twice
     # at the same time; once it runs out the message is sent again and everything behind it follows, in order
     assert deliver_due() == 0
     worker = _worker({})

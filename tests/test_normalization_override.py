@@ -245,15 +245,15 @@ def test_a_batch_whose_task_keeps_failing_is_failed_after_the_attempts_with_the_
 def test_a_failed_chunk_is_tried_again_after_a_back_off_that_doubles(technologist, tiny_record, settings):
     from django_tasks_db.models import DBTaskResult
 
-    settings.WBC_BATCH_MAX_ATTEMPTS, settings.WBC_BATCH_RETRY_SECONDS = 3, 5
+    settings.WBC_BATCH_MAX_ATTEMPTS, settings.WBC_BATCH_RETRY_SECONDS = 3, 60
     batch = submit_batch(technologist, [NamedBytes("c.png", image_bytes())], tiny_record, name="Backed off")
     Batch.objects.filter(pk=batch.pk).update(normalization=TINY_STD)  # fails every time, as above
-    for attempt, delay in ((1, 5), (2, 10)):
+    for attempt, delay in ((1, 60), (2, 120)):
         call_command("run_worker", "--batch")
         batch.refresh_from_db()
         assert batch.status == Batch.Status.RUNNING and batch.attempts == attempt, batch.error
         waiting = DBTaskResult.objects.get(status="READY")
-        assert delay - 3 < (waiting.run_after - timezone.now()).total_seconds() <= delay
+        assert delay - 30 < (waiting.run_after - timezone.now()).total_seconds() <= delay
         call_command("run_worker", "--batch")  # too early: the retry waits for its time
         batch.refresh_from_db()
         assert batch.attempts == attempt

@@ -136,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def route_slow_headers(self):
-        time.sleep(1.0)
+        time.sleep(3.0)
         self._send(200, PNG)
 
     def route_slow_body(self):
@@ -483,7 +483,7 @@ def test_slow_server_times_out_while_reading(server):
     started = time.monotonic()
     with pytest.raises(UrlRefused, match=r"/slow-headers: timed out while reading\.$"):
         fetch_image_bytes(cdn(server, "/slow-headers"), read_timeout=0.2, **via_cdn())
-    assert time.monotonic() - started < 0.9
+    assert time.monotonic() - started < 2.0  # the headers come after 3 s
 
 
 def test_stalled_body_times_out_while_reading(server):
@@ -495,7 +495,7 @@ def test_dripping_server_hits_the_total_deadline(server):
     started = time.monotonic()
     with pytest.raises(UrlRefused, match=r"timed out: the download took longer than 0\.3 seconds\.$"):
         fetch_image_bytes(cdn(server, "/drip"), total_timeout=0.3, read_timeout=1.0, **via_cdn())
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3.0  # the drip takes 4 s
 
 
 def test_connection_refused_is_reported(dialled):
