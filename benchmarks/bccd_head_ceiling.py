@@ -15,6 +15,11 @@ Two protocols: (a) k = 20 cells per class as in ``benchmarks/adaptation_bccd.py`
 on every other cell; (b) the ceiling: 3-fold cross-validation over all 351 cells, so each head learns from about
 234 cells (every basophil and monocyte the set has), C fixed per row. Views: the 8 flips and quarter turns of each
 cell (no colour jitter). Prints a markdown table and writes it to --markdown.
+
+``--transforms pad x1.5,reinhard lab,...`` instead keeps the product's head input (the fine-tuned MobileNetV2's
+'gap') and applies one label-free transform of ``benchmarks/bccd_label_free.py`` to every cell before its features
+are read: does a step that moves the other lab's images towards PBC help *after* adaptation too? ('none' is the
+product.) Its table goes to bccd_head_transforms.md unless --markdown says otherwise.
 """
 
 from __future__ import annotations
@@ -60,8 +65,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", type=Path, default=REPO / "benchmarks" / "bccd_head_ceiling.md")
-    return parser.parse_args()
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--transforms", default="", help="comma-separated transforms of bccd_label_free.py")
+    parser.add_argument("--pbc", type=Path, default=REPO.parent / "shared" / "data" / "pbc", help="Reinhard's target")
+    args = parser.parse_args()
+    default_markdown = "bccd_head_transforms.md" if args.transforms else "bccd_head_ceiling.md"
+    args.markdown = args.markdown or REPO / "benchmarks" / default_markdown
+    return args
 
 
 def extract(args, samples) -> dict[str, np.ndarray]:
@@ -100,6 +110,25 @@ def extract(args, samples) -> dict[str, np.ndarray]:
     hist = np.sqrt(counts / counts.sum(axis=1, keepdims=True))  # a colour histogram does not change with the view
     features["colour/hist"] = np.repeat(hist[:, None], 8, axis=1)
     return features
+
+
+def transformed_gap(args, samples, transform) -> np.ndarray:
+    """The fine-tuned MobileNetV2's 'gap' features of every cell and view, each image transformed first."""
+    import keras
+    from PIL import Image
+
+    from wbc_ml.adaptation.network import predict
+    from wbc_ml.evaluation import load_card
+    from wbc_ml.inference import load_keras_model
+    from wbc_ml.preprocessing import Normalization, resize
+    from wbc_ml.turns import symmetries
+
+    card = load_card(args.models_dir / f"{FT}.keras")
+    size = tuple(card["input_size"])
+    x = np.stack([resize(transform(Image.open(s.path).convert("RGB")), size) for s in samples])
+    model = load_keras_model(args.models_dir / f"{FT}.keras")
+    reader = keras.Model(model.input, model.get_layer("gap").output)
+    return np.stack([predict(reader, v, Normalization.from_dict(card["normalization"])) for v in symmetries(x)], 1)
 
 
 def served(head, pooled: np.ndarray) -> np.ndarray:
@@ -155,6 +184,42 @@ def ceiling(x, y, class_names, prior) -> dict[float, float]:
     return out
 
 
+def row(label: str, x, y, samples, class_names, args, prior=None) -> str:
+    """A table row: accuracy over the k-per-class draws, and the ceiling for each C."""
+    draws = np.array(k_per_class(x, y, samples, class_names, args, prior)) * 100
+    top = ceiling(x, y, class_names, prior)
+    line = f"| {label} | {draws.mean():.1f} ± {draws.std(ddof=1):.1f}% | " + " / ".join(
+        f"{100 * top[c]:.1f}%" for c in C_GRID
+    )
+    print(line + " |", flush=True)
+    return line + " |"
+
+
+def variant_rows(args, samples, y, class_names) -> list[str]:
+    if args.cache.exists():
+        features = dict(np.load(args.cache))
+    else:
+        features = extract(args, samples)
+        np.savez(args.cache, **features)
+    true_prior = np.bincount(y, minlength=len(class_names)) / len(y)
+    rows = []
+    for label, spec, prior_name in VARIANTS:
+        x = np.concatenate([features[key].astype(np.float64) for key in spec.split("+")], axis=-1)
+        rows.append(row(label, x, y, samples, class_names, args, true_prior if prior_name == "true" else None))
+    return rows
+
+
+def transform_rows(args, samples, y, class_names) -> list[str]:
+    from bccd_label_free import transforms
+
+    chosen = transforms(args.pbc)
+    rows = []
+    for name in args.transforms.split(","):
+        x = transformed_gap(args, samples, chosen[name]).astype(np.float64)
+        rows.append(row(f"MobileNetV2 fine-tuned, 'gap', after '{name}'", x, y, samples, class_names, args))
+    return rows
+
+
 def main() -> None:
     args = parse()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -165,33 +230,22 @@ def main() -> None:
     class_names = list(WBC_CLASSES)
     samples = datasets.list_images(args.data, tuple(class_names))
     y = np.array([s.label for s in samples])
-    if args.cache.exists():
-        features = dict(np.load(args.cache))
-    else:
-        features = extract(args, samples)
-        np.savez(args.cache, **features)
-    true_prior = np.bincount(y, minlength=len(class_names)) / len(y)
-    lines = [
+    header = [
         f"| head input | k = {args.k}: accuracy, mean ± sd of {args.seeds} draws | ceiling (~234 cells): C = "
         + " / ".join(f"{c:g}" for c in C_GRID)
         + " |",
         "|---|---|---|",
     ]
-    for label, spec, prior_name in VARIANTS:
-        x = np.concatenate([features[key].astype(np.float64) for key in spec.split("+")], axis=-1)
-        prior = true_prior if prior_name == "true" else None
-        draws = np.array(k_per_class(x, y, samples, class_names, args, prior)) * 100
-        top = ceiling(x, y, class_names, prior)
-        lines.append(
-            f"| {label} | {draws.mean():.1f} ± {draws.std(ddof=1):.1f}% | "
-            + " / ".join(f"{100 * top[c]:.1f}%" for c in C_GRID)
-            + " |"
-        )
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
+    rows = (
+        transform_rows(args, samples, y, class_names)
+        if args.transforms
+        else variant_rows(args, samples, y, class_names)
+    )
+    table = "\n".join(header + rows)
     print(table)
+    title = "after a label-free transform" if args.transforms else "feature variants"
     args.markdown.write_text(
-        "# A new head on BCCD: feature variants and the ceiling\n\n"
+        f"# A new head on BCCD: {title}, and the ceiling\n\n"
         "Made by `python benchmarks/bccd_head_ceiling.py` (its docstring says how). BCCD is a development set: "
         "these rows chose nothing in the product; they show where a linear head on the bundled models' features "
         "stops.\n\n" + table + "\n"
