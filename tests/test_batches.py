@@ -1,6 +1,4 @@
 import io
-import threading
-import time
 import zipfile
 from datetime import timedelta
 
@@ -333,33 +331,3 @@ def test_other_lab_cannot_see_a_batch(client, technologist, outsider, tiny_recor
     for name in ("reports:batch", "reports:batch_status", "reports:batch_csv", "reports:batch_summary_csv"):
         assert client.get(reverse(name, args=[batch.uid])).status_code == 404
     assert "Private slide" not in client.get(reverse("reports:batches")).text
-
-
-def test_a_submission_writes_local_files_in_its_own_thread_and_remote_ones_on_the_pool(tmp_path):
-    from django.core.files.storage import FileSystemStorage, InMemoryStorage
-
-    from reports.file_pool import map_writes
-
-    threads = []
-
-    def write(n: int) -> int:
-        threads.append(threading.current_thread().name)
-        return 2 * n
-
-    assert map_writes(FileSystemStorage(location=tmp_path), write, range(6)) == [0, 2, 4, 6, 8, 10]
-    assert set(threads) == {threading.current_thread().name}  # no GIL hand-offs around each small write
-    threads.clear()
-    assert map_writes(InMemoryStorage(), write, range(6)) == [0, 2, 4, 6, 8, 10]  # in order, from the pool
-    assert threads and all(name.startswith("batch-files") for name in threads)
-
-    finished = []
-
-    def first_fails(n: int) -> None:
-        if n == 0:
-            raise OSError("no space left")
-        time.sleep(0.05)
-        finished.append(n)
-
-    with pytest.raises(OSError, match="no space left"):
-        map_writes(InMemoryStorage(), first_fails, range(5))
-    assert sorted(finished) == [1, 2, 3, 4]  # every other write was over before the caller cleans up
