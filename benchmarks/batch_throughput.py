@@ -10,12 +10,17 @@
 After a warm-up, 7 rounds each time every path once, in turn; medians are reported. Prints images/s for
 each, the ratio of (b) to the faster raw path (the median of the per-round ratios), and the peak RSS of
 the web and worker processes. Without the data folder it uses realistic generated 360x363 JPEG smears instead.
+
+Then where (b)'s time goes: how long the upload takes to be answered, and, timed one by one in this process on
+the same images, each step a batch image goes through, per image, beside the raw ONNX Runtime path's time per
+image: decoding and resizing (in both paths) and the gallery thumbnail (the worker's only).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -62,7 +67,6 @@ def load_images(data: Path, n: int) -> list[tuple[str, bytes]]:
 
 def raw_paths(card_path: Path, images: list[tuple[str, bytes]], onnx_dir: Path) -> dict[str, Callable[[], float]]:
     """For each backend, a function that times one pass (seconds) of decode + resize + normalise + classify."""
-    import json
     from concurrent.futures import ThreadPoolExecutor
 
     from wbc_ml.inference import KerasBackend, OnnxBackend, load_keras_model
@@ -124,8 +128,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def running_platform(model_name: str, workdir: Path) -> Iterator[tuple[Callable[[list], float], int, int]]:
-    """A fresh gunicorn web server and background worker; yields (time_batch, web pid, worker pid)."""
+def running_platform(model_name: str, workdir: Path) -> Iterator[tuple[Callable[[list], float], list[float], int, int]]:
+    """A fresh gunicorn web server and background worker; yields (time_batch, the seconds until each of its uploads
+    was answered, web pid, worker pid)."""
     import requests
 
     env = {
@@ -213,18 +218,21 @@ def running_platform(model_name: str, workdir: Path) -> Iterator[tuple[Callable[
             headers={"Referer": f"{base}/accounts/login/"},
         )
 
+        uploads: list[float] = []  # seconds until each upload was answered, in the order of the batches
+
         def time_batch(batch_images: list[tuple[str, bytes]]) -> float:
             """Seconds from the upload until the report is complete."""
             page = session.get(f"{base}/batches/new/")
             token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
             started = time.perf_counter()
-            response = session.post(
+            response = session.post(  # timed below: how long the upload takes to be answered
                 f"{base}/batches/new/",
                 data={"name": "bench", "model": model_id, "csrfmiddlewaretoken": token, "urls": ""},
                 files=[("files", (name, data, "image/jpeg")) for name, data in batch_images],
                 headers={"Referer": f"{base}/batches/new/"},
                 allow_redirects=False,
             )
+            uploads.append(time.perf_counter() - started)
             if response.status_code != 302:
                 errors = re.findall(r'role="alert"[^>]*>(.*?)</div>', response.text, re.S)
                 raise RuntimeError(f"batch upload answered {response.status_code}: {errors or response.text[:300]}")
@@ -239,11 +247,35 @@ def running_platform(model_name: str, workdir: Path) -> Iterator[tuple[Callable[
             assert status["done"] == len(batch_images), status
             return elapsed
 
-        yield time_batch, web.pid, worker.pid
+        yield time_batch, uploads, web.pid, worker.pid
     finally:
         for process in (web, worker):
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+
+
+def step_costs(images: list[tuple[str, bytes]], size: tuple[int, int]) -> dict[str, float]:
+    """Milliseconds per image of each step a batch image goes through, one at a time (the best of 3 passes)."""
+    from reports.thumbnails import make_thumbnail
+    from wbc_ml.preprocessing import decode_image, resize
+
+    decoded = [decode_image(data) for _, data in images]
+    steps = {
+        "decode (JPEG to RGB)": lambda: [decode_image(data) for _, data in images],
+        f"resize to {size[0]}x{size[1]}": lambda: [resize(image, size) for image in decoded],
+        "gallery thumbnail (worker only)": lambda: [make_thumbnail(image) for image in decoded],
+    }
+    costs = {}
+    for name, step in steps.items():
+        best = min(timed(step) for _ in range(3))
+        costs[name] = 1000 * best / len(images)
+    return costs
+
+
+def timed(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -262,16 +294,20 @@ def main() -> None:
     timings: dict[str, list[float]] = {}
     try:
         raw = raw_paths(REPO / "models" / f"{args.model}.json", images, workdir)
-        with running_platform(args.model, workdir) as (time_batch, web_pid, worker_pid):
+        with running_platform(args.model, workdir) as (time_batch, uploads, web_pid, worker_pid):
             # A first, untimed batch warms both processes (model load, ONNX session, every chunk shape): the timed
             # rounds are the steady state of a lab uploading slide after slide. Each round times every path once,
             # one after the other, so a slower or faster spell of a shared CPU touches all of them alike.
             time_batch(images)
+            uploads.clear()  # the warm-up's
             for _ in range(ROUNDS):
                 for name, one_pass in raw.items():
                     timings.setdefault(name, []).append(one_pass())
                 timings.setdefault(END_TO_END, []).append(time_batch(images))
             web_rss, worker_rss = peak_rss_mb(web_pid), peak_rss_mb(worker_pid)
+            upload_s = statistics.median(uploads)
+        card = json.loads((REPO / "models" / f"{args.model}.json").read_text())
+        costs = step_costs(images, tuple(card["input_size"]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rate = {name: len(images) / statistics.median(values) for name, values in timings.items()}
@@ -291,6 +327,13 @@ def main() -> None:
         f"per round {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     print(f"peak RSS: web (gunicorn, 1 worker) {web_rss:.0f} MB, background worker {worker_rss:.0f} MB")
+    raw_ms = 1000 / fastest
+    print(f"\nwhere (b)'s time goes, per image, against the fastest raw path's {raw_ms:.2f} ms per image")
+    print(f"{'step':<50}{'ms/image':>10}{'vs raw':>16}")
+    upload_ms = 1000 * upload_s / len(images)
+    print(f"{'upload answered (median of the timed rounds)':<50}{upload_ms:>10.2f}{upload_ms / raw_ms:>15.2f}x")
+    for name, value in costs.items():
+        print(f"{name:<50}{value:>10.2f}{value / raw_ms:>15.2f}x")
 
 
 if __name__ == "__main__":
