@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -74,35 +75,54 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def extract(args, samples) -> dict[str, np.ndarray]:
-    """Pooled features of every cell and view, per '<model>/<layer>', and the colour histogram ('colour/hist')."""
-    import keras
+@cache
+def _limit_threads(threads: int) -> None:
     import tensorflow as tf
 
-    from wbc_ml import datasets
+    tf.config.threading.set_intra_op_parallelism_threads(threads)  # once, before TensorFlow starts
+
+
+def input_size(args, arch: str) -> tuple[int, int]:
+    from wbc_ml.evaluation import load_card
+
+    return tuple(load_card(args.models_dir / f"{arch}.keras")["input_size"])
+
+
+def pooled_views(args, arch: str, layers: tuple[str, ...], x: np.ndarray) -> dict[str, np.ndarray]:
+    """One bundled model's pooled features of the images ``x`` (at its input size) in each of the 8 views, per
+    layer: (cells, views, features)."""
+    import keras
+
     from wbc_ml.adaptation.network import predict
     from wbc_ml.evaluation import load_card
     from wbc_ml.inference import load_keras_model
     from wbc_ml.preprocessing import Normalization
     from wbc_ml.turns import symmetries
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    _limit_threads(args.threads)
+    card = load_card(args.models_dir / f"{arch}.keras")
+    model = load_keras_model(args.models_dir / f"{arch}.keras")
+    pooled = [
+        model.get_layer(name).output if name == "gap" else keras.layers.GlobalAveragePooling2D()(
+            model.get_layer(name).output
+        )
+        for name in layers
+    ]  # fmt: skip
+    reader = keras.Model(model.input, pooled)
+    views = [predict(reader, view, Normalization.from_dict(card["normalization"])) for view in symmetries(x)]
+    return {name: np.stack([v[i] if len(layers) > 1 else v for v in views], axis=1) for i, name in enumerate(layers)}
+
+
+def extract(args, samples) -> dict[str, np.ndarray]:
+    """Pooled features of every cell and view, per '<model>/<layer>', and the colour histogram ('colour/hist')."""
+    from wbc_ml import datasets
+
     features: dict[str, np.ndarray] = {}
     for arch, layers in LAYERS.items():
-        card = load_card(args.models_dir / f"{arch}.keras")
-        x, _ = datasets.load_arrays(samples, tuple(card["input_size"]))
-        model = load_keras_model(args.models_dir / f"{arch}.keras")
-        pooled = [
-            model.get_layer(name).output if name == "gap" else keras.layers.GlobalAveragePooling2D()(
-                model.get_layer(name).output
-            )
-            for name in layers
-        ]  # fmt: skip
-        reader = keras.Model(model.input, pooled)
-        views = [predict(reader, view, Normalization.from_dict(card["normalization"])) for view in symmetries(x)]
-        for i, name in enumerate(layers):
-            features[f"{arch}/{name}"] = np.stack([v[i] if len(layers) > 1 else v for v in views], axis=1)
-        print(f"{arch}: features of {len(x)} cells x {len(views)} views", flush=True)
+        x, _ = datasets.load_arrays(samples, input_size(args, arch))
+        for name, values in pooled_views(args, arch, layers, x).items():
+            features[f"{arch}/{name}"] = values
+        print(f"{arch}: features of {len(x)} cells x {values.shape[1]} views", flush=True)
     x, _ = datasets.load_arrays(samples, (96, 96))
     bins = np.clip((x.astype(np.float64) / 256 * 6).astype(int), 0, 5)
     index = (bins[..., 0] * 36 + bins[..., 1] * 6 + bins[..., 2]).reshape(len(x), -1)
@@ -114,21 +134,13 @@ def extract(args, samples) -> dict[str, np.ndarray]:
 
 def transformed_gap(args, samples, transform) -> np.ndarray:
     """The fine-tuned MobileNetV2's 'gap' features of every cell and view, each image transformed first."""
-    import keras
     from PIL import Image
 
-    from wbc_ml.adaptation.network import predict
-    from wbc_ml.evaluation import load_card
-    from wbc_ml.inference import load_keras_model
-    from wbc_ml.preprocessing import Normalization, resize
-    from wbc_ml.turns import symmetries
+    from wbc_ml.preprocessing import resize
 
-    card = load_card(args.models_dir / f"{FT}.keras")
-    size = tuple(card["input_size"])
+    size = input_size(args, FT)
     x = np.stack([resize(transform(Image.open(s.path).convert("RGB")), size) for s in samples])
-    model = load_keras_model(args.models_dir / f"{FT}.keras")
-    reader = keras.Model(model.input, model.get_layer("gap").output)
-    return np.stack([predict(reader, v, Normalization.from_dict(card["normalization"])) for v in symmetries(x)], 1)
+    return pooled_views(args, FT, ("gap",), x)["gap"]
 
 
 def served(head, pooled: np.ndarray) -> np.ndarray:
