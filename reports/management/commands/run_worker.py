@@ -15,6 +15,7 @@ from reports.heartbeat import beat, forget_old_workers, stopped
 from reports.wakeup import WORKER, listen
 from reports.worker import recover_stale_chunks, stopping
 from wbc_ml.inference import set_onnx_threads
+from wbcsite.thread_switching import apply_switch_interval
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 10.0  # the longest pause between tries while the database is unreachable
@@ -189,6 +190,7 @@ class Command(BaseCommand):
         # The long-running worker only (a --batch round may run inside another program, e.g. the tests), and before
         # it starts threads of its own: they inherit it.
         lower_priority(settings.WBC_WORKER_NICE)
+        apply_switch_interval()
         housekeeping = Housekeeping(worker_id, started_at)
         housekeeping.start()
         side = SideQueueThread(task_worker(Worker, side_queues(), f"{worker_id}-side"))
