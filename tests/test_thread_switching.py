@@ -14,20 +14,18 @@ from tests.conftest import REPO
 SHOW = "import sys, {module}; print(sys.getswitchinterval())"
 
 
-def switch_interval_of(module: str, **env: str) -> float:
-    """The switch interval of a fresh process once it has imported ``module`` (as a server or the worker would)."""
-    environment = {key: value for key, value in os.environ.items() if key != "WBC_GIL_SWITCH_US"}
-    environment.update(DJANGO_SETTINGS_MODULE="wbcsite.settings", **env)
-    done = subprocess.run(
-        [sys.executable, "-c", SHOW.format(module=module)],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def child_switch_interval(code: str, env: dict[str, str]) -> float:
+    """The switch interval that a fresh Python process running ``code`` prints last."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return float(done.stdout.split()[-1])
+
+
+def switch_interval_of(module: str, **env: str) -> float:
+    """The switch interval of a fresh process once it has imported ``module`` (as a server would)."""
+    environment = {key: value for key, value in os.environ.items() if key != "WBC_GIL_SWITCH_US"}
+    environment.update(DJANGO_SETTINGS_MODULE="wbcsite.settings", **env)
+    return child_switch_interval(SHOW.format(module=module), environment)
 
 
 @pytest.mark.parametrize("module", ["wbcsite.wsgi", "wbcsite.asgi"])
@@ -71,8 +69,4 @@ def test_the_running_worker_uses_the_setting(settings):
         "WBC_WORKER_NICE": "0",
         "WBC_GIL_SWITCH_US": "300",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER_CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.split()[-1]) == pytest.approx(0.0003)
+    assert child_switch_interval(WORKER_CHILD, env) == pytest.approx(0.0003)

@@ -15,7 +15,6 @@ import sys
 from django.conf import settings
 
 
-def apply_switch_interval() -> float:
-    """Set this process's switch interval from ``WBC_GIL_SWITCH_US``; returns it in seconds."""
+def apply_switch_interval() -> None:
+    """Set this process's switch interval from ``WBC_GIL_SWITCH_US``."""
     sys.setswitchinterval(settings.WBC_GIL_SWITCH_US / 1_000_000)
-    return sys.getswitchinterval()
