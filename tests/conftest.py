@@ -110,8 +110,9 @@ def test_database_url() -> str:
 test_database_url.__test__ = False  # a helper, not a test
 
 
-def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
-    """The real background worker (``manage.py run_worker``) as a separate process on the test database."""
+def start_worker(settings, models_dir: Path, *, own_session: bool = False, **env: str) -> subprocess.Popen:
+    """The real background worker (``manage.py run_worker``) as a separate process on the test database; with
+    ``own_session`` it leads a session of its own, as under a process supervisor."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "wbcsite.settings",
@@ -123,7 +124,15 @@ def start_worker(settings, models_dir: Path, **env: str) -> subprocess.Popen:
         **env,
     }
     command = [sys.executable, "manage.py", "run_worker"]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=own_session,
+    )
 
 
 @pytest.fixture(scope="session")

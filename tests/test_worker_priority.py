@@ -86,6 +86,31 @@ def test_the_running_worker_and_all_its_threads_run_at_the_configured_niceness(
         stop_worker(worker)
 
 
+def session_niceness(pid: int) -> int:
+    """The niceness of the scheduling group (Linux autogroup) of ``pid``'s session."""
+    group = Path(f"/proc/{pid}/autogroup")
+    if not group.is_file():
+        unavailable("scheduling groups are read through Linux /proc/<pid>/autogroup")
+    return int(group.read_text().split()[-1])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("own_session", [True, False], ids=["own session", "shared session"])
+def test_a_worker_leading_its_own_session_lowers_the_session_too_and_never_a_shared_one(
+    settings, models_dir, own_session
+):
+    ours = session_niceness(os.getpid())
+    wanted = min(19, ours + 7)
+    worker = start_worker(settings, models_dir, own_session=own_session, WBC_WORKER_NICE=str(wanted))
+    try:
+        lines = iter(worker.stdout.readline, "")
+        assert any(line.strip() == "worker ready: waiting for batches" for line in lines)
+        assert session_niceness(worker.pid) == (wanted if own_session else ours)
+        assert session_niceness(os.getpid()) == ours  # this test's own session (and so any web beside it) untouched
+    finally:
+        stop_worker(worker)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_round_run_inside_another_program_leaves_its_priority_alone(technologist, tiny_record):
     before = os.getpriority(os.PRIO_PROCESS, 0)

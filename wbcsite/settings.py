@@ -242,8 +242,9 @@ def _s3_storage(location: str, **options) -> dict:
 
 # Every media name the app writes carries a uuid (cells, batch images and their thumbnails, evaluation figures,
 # adaptation uploads, health probes), so a media file is written under the name given, with no search for a free one:
-# in a folder, no existence check per file (~8% of a batch submission's CPU); on S3, one PutObject and no HEAD first.
-LOCAL_MEDIA = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"allow_overwrite": True}}
+# in a folder, no existence check per file (~8% of a batch submission's CPU) and no folder check or lock either
+# (wbcsite/media_storage.py); on S3, one PutObject and no HEAD first.
+LOCAL_MEDIA = {"BACKEND": "wbcsite.media_storage.MediaFolderStorage", "OPTIONS": {"allow_overwrite": True}}
 
 
 def _folder_storage(setting: str) -> dict:
