@@ -2,6 +2,7 @@
 
     python benchmarks/load.py [--users 20] [--images 100] [--model enhanced_cnn_v2] [--synthetic]
                               [--web 2] [--workers 2] [--postgres postgres://postgres@127.0.0.1:5432/postgres]
+                              [--storage s3|local] [--redis redis://127.0.0.1:6379/0]
 
 The stack (benchmarks/load_stack.py): a throw-away PostgreSQL database on the machine's server (created and
 dropped here), S3 from moto in server mode, gunicorn over HTTPS (a self-signed certificate made here) with --web
@@ -371,6 +372,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--raw-images", type=int, default=300, help="images timed through raw ONNX Runtime")
     parser.add_argument("--storage", choices=("s3", "local"), default="s3", help="media and model files: S3 (moto) "
                         "or this host's folders, to compare")  # fmt: skip
+    parser.add_argument("--redis", default="", help="a Redis URL (e.g. redis://127.0.0.1:6379/0) for the cache "
+                        "and the rate counters, as in a multi-host deployment (else PostgreSQL)")  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the stack's folder (logs) afterwards")
     args = parser.parse_args()
     if min(args.users, args.images, args.web, args.workers, args.idle_singles) < 1:
@@ -506,7 +509,8 @@ def report(args: argparse.Namespace, results: Results) -> bool:
     print(
         f"\nLoad test: {args.users} users x {args.images} images ({results.source}), model {results.model}; "
         f"{args.web} web processes (gthread x{args.threads}, HTTPS), {args.workers} workers ({threads}); "
-        f"PostgreSQL + {'S3 (moto)' if args.storage == 's3' else 'local folders'} on loopback; "
+        f"PostgreSQL + {'S3 (moto)' if args.storage == 's3' else 'local folders'}{' + Redis' if args.redis else ''} "
+        "on loopback; "
         f"{os.cpu_count()} CPU cores (client on the same machine)\n"
     )
     rows = [
@@ -567,7 +571,7 @@ def main() -> int:
     try:
         with signals_unwind():
             stack_options = {"web_processes": args.web, "threads": args.threads, "workers": args.workers}
-            stack_options["s3"] = args.storage == "s3"
+            stack_options.update(s3=args.storage == "s3", redis=args.redis)
             with running_stack(
                 workdir, postgres=args.postgres, onnx_threads=args.onnx_threads, api_rate=args.api_rate, **stack_options
             ) as stack:

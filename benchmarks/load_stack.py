@@ -201,6 +201,15 @@ def throwaway_database(server_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def forget_redis_keys(url: str, prefix: str) -> None:
+    """Delete this run's keys (cache and rate counters: ``prefix`` and ``prefix-rate``) from the Redis it used."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+
+
 def start_moto(children: Children, env: dict[str, str]) -> str:
     """moto's S3 API as a real HTTP server on loopback; returns its endpoint URL."""
     port = free_port()
@@ -308,9 +317,12 @@ def running_stack(
     onnx_threads: int,
     api_rate: str,
     s3: bool = True,
+    redis: str = "",
 ) -> Iterator[Stack]:
     """Start the whole stack in ``workdir`` (logs in ``workdir/logs``); everything is stopped and dropped after.
-    Without ``s3`` files stay in folders under ``workdir`` (the single-host default), to see what S3 costs."""
+    Without ``s3`` files stay in folders under ``workdir`` (the single-host default), to see what S3 costs. With a
+    ``redis`` URL the cache and the rate counters are there (under a key prefix of this run's own) instead of in
+    PostgreSQL."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:
@@ -318,6 +330,9 @@ def running_stack(
         env = stack_env(workdir, database_url, api_rate)
         children = Children(logs)
         cleanup.callback(children.stop_all)
+        if redis:
+            env.update(REDIS_URL=redis, WBC_REDIS_KEY_PREFIX=f"wbc-load-{uuid.uuid4().hex[:12]}")
+            cleanup.callback(forget_redis_keys, redis, env["WBC_REDIS_KEY_PREFIX"])
         if s3:
             env.update(S3_ENV, AWS_STORAGE_BUCKET_NAME=f"wbc-load-{uuid.uuid4().hex[:12]}")
             env["AWS_S3_ENDPOINT_URL"] = start_moto(children, env)

@@ -47,27 +47,23 @@ def lower_priority(niceness: int) -> int:
 AUTOGROUP = Path("/proc/self/autogroup")
 
 
-def lower_session_priority(niceness: int) -> int | None:
+def lower_session_priority(niceness: int) -> None:
     """Give this process's scheduling group the niceness ``niceness`` too, when the process leads its own session.
 
     Linux (with autogroup scheduling, the default) shares the CPU between sessions first and weighs a thread's
     niceness only against threads of its own session. A worker that leads its own session (started by a process
     supervisor, ``setsid`` or a load test) would take a full share beside the web processes' session, niceness or
-    not: measured under ``benchmarks/load.py``, the workers took 1.0-1.9 s of the 2 cores' CPU during a 1.5-s burst
+    not: in ``benchmarks/load.py``'s stack the two workers took 1.0-1.9 s of the 2 cores' CPU during a 1.5-s burst
     of submissions. A worker that shares a session (started from a shell beside the web server) leaves the group
-    as it is, since that would lower the web's priority as well. Never lowers the group's niceness. Returns the
-    group's niceness, or None where there is no such group (another kernel, or autogroup turned off).
+    as it is, since that would lower the web's priority as well. Never lowers the group's niceness.
     """
     if os.getsid(0) != os.getpid():
-        return None
+        return
     try:
-        current = int(AUTOGROUP.read_text().split()[-1])
-        if current < niceness:
+        if int(AUTOGROUP.read_text().split()[-1]) < niceness:
             AUTOGROUP.write_text(str(niceness))
-        return int(AUTOGROUP.read_text().split()[-1])
-    except (OSError, ValueError, IndexError) as exc:
+    except (OSError, ValueError, IndexError) as exc:  # another kernel, or no autogroup: nothing to set
         logger.debug("session niceness left as it is: %s", exc)
-        return None
 
 
 class Housekeeping(threading.Thread):
