@@ -8,7 +8,6 @@ fetch (:mod:`reports.url_items`); a URL refused by its form is a failed item wit
 from __future__ import annotations
 
 import uuid
-from concurrent.futures import wait
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -21,7 +20,7 @@ from classifier.models import ClassifierModel
 from wbc_ml.preprocessing import ImageRejected, decode_image, open_image, sniff_image_type
 
 from .chunks import enqueue_chunks, ensure_chunks, make_chunks
-from .file_pool import file_pool
+from .file_pool import write_each
 from .models import Batch, BatchChunk, BatchItem
 from .uploads import Limits, NamedBytes, UploadRefused
 
@@ -106,7 +105,7 @@ def submit_batch(
     stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
 
     def check_and_store(position: int, entry: NamedBytes | UrlEntry) -> tuple[NamedBytes | UrlEntry, str]:
-        """Validate one entry and, when it is good, write its file (on the pool: checks and writes overlap)."""
+        """Validate one entry and, when it is good, write its file."""
         entry = checked_upload(entry)
         if isinstance(entry, UrlEntry) or entry.data is None:
             return entry, ""
@@ -116,9 +115,7 @@ def submit_batch(
         return entry, name
 
     try:
-        futures = [file_pool().submit(check_and_store, position, entry) for position, entry in enumerate(entries)]
-        wait(futures)  # every write has finished (or failed) before anything is kept or cleaned up
-        checked = [future.result() for future in futures]
+        checked = write_each(check_and_store, entries, field.storage)
         with transaction.atomic():
             batch = Batch.objects.create(
                 uid=uid,

@@ -1,15 +1,18 @@
-"""The media folder storage writes a file as Django's folder storage does, with fewer system calls."""
+"""Media writes: the folder storage writes a file as Django's does, with fewer system calls; a submission writes its
+files in the request thread to a folder and on the file pool to a remote storage."""
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import FileSystemStorage, default_storage
+from django.core.files.storage import FileSystemStorage, InMemoryStorage, default_storage
 from django.core.files.uploadedfile import TemporaryUploadedFile
 
+from reports.file_pool import write_each
 from wbcsite.media_storage import MediaFolderStorage
 
 
@@ -65,3 +68,32 @@ def test_an_upload_spooled_to_a_temporary_file_is_moved_into_place(tmp_path, set
     name = storage.save("x/big.jpg", upload)
     assert storage.open(name).read() == b"12345"
     assert not os.path.exists(spooled)
+
+
+def test_files_for_a_folder_are_written_in_the_calling_thread_and_for_a_remote_storage_on_the_pool(tmp_path):
+    def where(position: int, item: str) -> tuple[int, str, int]:
+        return position, item, threading.get_ident()
+
+    here = threading.get_ident()
+    local = write_each(where, ["a", "b", "c"], MediaFolderStorage(location=tmp_path))
+    assert local == [(0, "a", here), (1, "b", here), (2, "c", here)]
+    remote = write_each(where, ["a", "b", "c"], InMemoryStorage())  # not a folder: as S3 is
+    assert [(position, item) for position, item, _ in remote] == [(0, "a"), (1, "b"), (2, "c")]
+    assert here not in {thread for *_, thread in remote}
+
+
+@pytest.mark.parametrize("storage", ["folder", "remote"])
+def test_the_first_error_is_raised_once_no_write_is_running(tmp_path, storage):
+    running, ended = [], []
+
+    def write(position: int, item: int) -> int:
+        running.append(position)
+        if position == 1:
+            raise OSError("disk full")
+        ended.append(position)
+        return item
+
+    target = MediaFolderStorage(location=tmp_path) if storage == "folder" else InMemoryStorage()
+    with pytest.raises(OSError, match="disk full"):
+        write_each(write, range(6), target)
+    assert sorted(ended) == sorted(p for p in running if p != 1)  # whatever started has ended
