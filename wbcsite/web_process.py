@@ -10,9 +10,8 @@ from wbcsite.thread_switching import apply_switch_interval
 def import_views() -> None:
     """Import the URLconf, and so every view and what it imports, now.
 
-    Django imports it at the first request. In a fresh process that took about 190 ms of the first request (and
-    about 340 ms of CPU for a first 100-image submission against 80 ms for the next), so the requests that meet a
-    fresh process, e.g. a burst of LIS submissions after a restart, all waited behind it.
+    Django imports it at the first request. In a fresh process that took about 190 ms of the first request, and the
+    requests that meet a fresh process, e.g. a burst of LIS submissions after a restart, all waited behind it.
     """
     get_resolver().url_patterns  # noqa: B018 (the property imports the URLconf)
 
