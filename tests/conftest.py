@@ -33,6 +33,15 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def python_output(code: str, env: dict[str, str], timeout: float = 180) -> str:
+    """What a fresh Python process running ``code`` in the repository prints (it must exit with 0)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def require_shared_data(folder: str = "pbc") -> Path:
     """A folder of the real shared images (``pbc``, ``bccd``…); see :func:`unavailable` when it is missing."""
     path = SHARED_DATA / folder

@@ -4,21 +4,17 @@ write a batch's files or wait on the database are not held up by a thread busy i
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import python_output
 
 SHOW = "import sys, {module}; print(sys.getswitchinterval())"
 
 
 def child_switch_interval(code: str, env: dict[str, str]) -> float:
     """The switch interval that a fresh Python process running ``code`` prints last."""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return float(done.stdout.split()[-1])
+    return float(python_output(code, env).split()[-1])
 
 
 def switch_interval_of(module: str, **env: str) -> float:
