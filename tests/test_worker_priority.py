@@ -86,12 +86,15 @@ def test_the_running_worker_and_all_its_threads_run_at_the_configured_niceness(
         stop_worker(worker)
 
 
-def session_niceness(pid: int) -> int:
-    """The niceness of the scheduling group (Linux autogroup) of ``pid``'s session."""
+def session_niceness(pid: int) -> int | None:
+    """The niceness of the scheduling group (Linux autogroup) of ``pid``'s session; None for the kernel's root group,
+    whose file is empty (a process whose ancestors never started a session of their own, e.g. one run straight from
+    a VM's or container's init, as CI may run the tests)."""
     group = Path(f"/proc/{pid}/autogroup")
     if not group.is_file():
         unavailable("scheduling groups are read through Linux /proc/<pid>/autogroup")
-    return int(group.read_text().split()[-1])
+    words = group.read_text().split()
+    return int(words[-1]) if words else None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -100,7 +103,7 @@ def test_a_worker_leading_its_own_session_lowers_the_session_too_and_never_a_sha
     settings, models_dir, own_session
 ):
     ours = session_niceness(os.getpid())
-    wanted = min(19, ours + 7)
+    wanted = min(19, (ours or 0) + 7)
     worker = start_worker(settings, models_dir, own_session=own_session, WBC_WORKER_NICE=str(wanted))
     try:
         lines = iter(worker.stdout.readline, "")
