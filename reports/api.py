@@ -5,7 +5,6 @@ Split from :mod:`classifier.api` by feature; the same helpers, permissions and e
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from django.conf import settings
@@ -29,6 +28,7 @@ from classifier.services import remember_model
 from wbcsite.api_base import MB, UUID_PATTERN, CSVRenderer, LabApiMixin, error_response, validated_query
 from wbcsite.api_errors import ApiError, Conflict, PayloadTooLarge
 
+from .bundles import stored_contents
 from .differential import build_differential, report_rows, summary_rows, to_csv
 from .heartbeat import worker_state
 from .labels import MAX_LABEL_BYTES, LabelFileError
@@ -61,10 +61,6 @@ def _expand_files(files, urls: list[str] = ()) -> list[NamedBytes]:
         raise PayloadTooLarge(str(exc), code="batch_too_large") from exc
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _same_submission(batch: Batch, data: dict, files: list) -> bool:
     """Does a retried request carry the payload this batch was made from? Only what the client sent counts."""
     if data.get("model") is not None and data["model"].pk != batch.model_id:
@@ -89,11 +85,10 @@ def _same_submission(batch: Batch, data: dict, files: list) -> bool:
     items = list(batch.items.order_by("position", "id"))
     if [name for name, _ in expected] != [item.original_filename for item in items]:
         return False
+    stored = stored_contents(batch)
     for (_, content), item in zip(expected, items, strict=True):
-        if content is not None and item.image:
-            with item.image.open("rb") as handle:
-                if _sha256(handle.read()) != _sha256(content):
-                    return False
+        if content is not None and item.position in stored and stored[item.position] != content:
+            return False
     return True
 
 

@@ -31,11 +31,19 @@ def chunk_ranges(positions: list[int], size: int) -> list[tuple[int, int]]:
     return [(positions[bounds[i]], positions[bounds[i + 1] - 1] + 1) for i in range(parts)]
 
 
-def make_chunks(batch: Batch, pending_positions: list[int]) -> list[BatchChunk]:
-    """Store the chunks of ``batch`` covering its pending items (call inside the submitting transaction)."""
+def planned_chunks(pending_positions: list[int]) -> list[tuple[int, int]]:
+    """The (first position, one past the last) of each chunk a batch with these pending items gets."""
+    return chunk_ranges(sorted(pending_positions), settings.WBC_CHUNK_SIZE)
+
+
+def make_chunks(batch: Batch, pending_positions: list[int], bundles: list[str] | None = None) -> list[BatchChunk]:
+    """Store the chunks of ``batch`` covering its pending items (call inside the submitting transaction), with the
+    stored bundle of each (:mod:`reports.bundles`, in the order of :func:`planned_chunks`) when there are any."""
+    ranges = planned_chunks(pending_positions)
+    names = bundles or [""] * len(ranges)
     chunks = [
-        BatchChunk(batch=batch, index=index, first_position=first, end_position=end)
-        for index, (first, end) in enumerate(chunk_ranges(sorted(pending_positions), settings.WBC_CHUNK_SIZE))
+        BatchChunk(batch=batch, index=index, first_position=first, end_position=end, bundle=name)
+        for index, ((first, end), name) in enumerate(zip(ranges, names, strict=True))
     ]
     return BatchChunk.objects.bulk_create(chunks)
 

@@ -27,9 +27,8 @@ def write_each[T, R](function: Callable[[int, T], R], items: Iterable[T], storag
 
     Calls that write to a remote storage (S3) wait on the network, so they run on the pool and their waits overlap.
     Calls that write to a folder run here, one after another: a file takes tens of microseconds, and pool threads
-    beside the request threads only passed the GIL around. Under ``benchmarks/load.py --storage local`` (5 pairs)
-    submit p95 was 1.10-2.29 s in the request thread against 1.06-2.95 s on the pool (lower in 4 pairs), and in a
-    fresh web process's first burst of 20 submissions the web used 1.3-1.6 s of CPU against 1.3-4.4 s.
+    beside a process's other threads only passed the GIL around (in a fresh web process's first burst of 20
+    submissions the web used 1.3-1.6 s of CPU writing in the request threads against 1.3-4.4 s on the pool).
     """
     if isinstance(storage, FileSystemStorage):
         return [function(position, item) for position, item in enumerate(items)]

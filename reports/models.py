@@ -96,6 +96,11 @@ class BatchChunk(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="times a worker has taken the chunk")
     worker_id = models.CharField(max_length=64, blank=True, help_text="the worker that took it last")
     error = models.TextField(blank=True)
+    bundle = models.FileField(
+        upload_to="bundles/%Y/%m/",
+        blank=True,
+        help_text="the chunk's uploaded images in one zip, until its worker has stored each as the item's own file",
+    )
 
     class Meta:
         ordering = ["batch", "index"]

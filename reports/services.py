@@ -176,6 +176,8 @@ def rerun_batch(user, batch: Batch, model_record: ClassifierModel) -> Batch:
         raise Refused("That model is not available to your laboratory.")
     if model_record.pk == batch.model_id:
         raise Refused(f"This batch was already classified with {model_record}; choose another model.")
+    if not batch.is_finished:  # its images may still be waiting in their upload, not yet in files of their own
+        raise Refused("This batch is still being classified; re-run it once it is finished.")
     with transaction.atomic():
         new_batch = Batch.objects.create(
             laboratory_id=batch.laboratory_id,

@@ -17,10 +17,10 @@ from django.utils import timezone
 
 from classifier.fetch import UrlRefused, check_url_form, url_file_name, url_without_credentials
 from classifier.models import ClassifierModel
-from wbc_ml.preprocessing import ImageRejected, decode_image, open_image, sniff_image_type
+from wbc_ml.preprocessing import ImageRejected, decode_image, open_image
 
-from .chunks import enqueue_chunks, ensure_chunks, make_chunks
-from .file_pool import write_each
+from .bundles import pack
+from .chunks import enqueue_chunks, ensure_chunks, make_chunks, planned_chunks
 from .models import Batch, BatchChunk, BatchItem
 from .uploads import Limits, NamedBytes, UploadRefused
 
@@ -98,24 +98,16 @@ def submit_batch(
 ) -> Batch:
     """Store a batch and its images (bad files as failed items with their reason) and enqueue its chunks.
 
-    A URL entry becomes a pending item without an image, for the worker to download.
+    A chunk's images are stored as one bundle (:mod:`reports.bundles`) that its worker unpacks into the items' own
+    files; a URL entry becomes a pending item without an image, for the worker to download.
     """
     uid = uuid.uuid4()
-    field = BatchItem._meta.get_field("image")
-    stored: list[str] = []  # every file written, whatever happens next (list.append is thread-safe)
-
-    def check_and_store(position: int, entry: NamedBytes | UrlEntry) -> tuple[NamedBytes | UrlEntry, str]:
-        """Validate one entry and, when it is good, write its file."""
-        entry = checked_upload(entry)
-        if isinstance(entry, UrlEntry) or entry.data is None:
-            return entry, ""
-        suffix = ".png" if sniff_image_type(entry.data) == "PNG" else ".jpg"
-        name = field.storage.save(field.generate_filename(None, f"{uid}-{position}{suffix}"), ContentFile(entry.data))
-        stored.append(name)
-        return entry, name
-
+    checked = [checked_upload(entry) for entry in entries]
+    pending = [position for position, entry in enumerate(checked) if _is_pending(entry)]
+    bundles: list[str] = []
     try:
-        checked = write_each(check_and_store, entries, field.storage)
+        for index, (first, end) in enumerate(planned_chunks(pending)):
+            bundles.append(_store_bundle(f"{uid}-{index}.zip", checked, range(first, end)))
         with transaction.atomic():
             batch = Batch.objects.create(
                 uid=uid,
@@ -128,27 +120,42 @@ def submit_batch(
                 threshold=threshold if threshold is not None else user.review_threshold,
                 idempotency_key=idempotency_key,
             )
-            items = []
-            for position, (entry, file_name) in enumerate(checked):
-                item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:], image=file_name)
-                if isinstance(entry, UrlEntry):
-                    item.source_url = entry.url[:2000]
-                if entry.error or not (file_name or item.source_url):
-                    item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
-                items.append(item)
-            BatchItem.objects.bulk_create(items)
-            pending = [item.position for item in items if item.status == BatchItem.Status.PENDING]
+            BatchItem.objects.bulk_create(_item(batch, position, entry) for position, entry in enumerate(checked))
             if not pending:
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:
-                make_chunks(batch, pending)
+                make_chunks(batch, pending, bundles)
                 transaction.on_commit(lambda: enqueue(batch))
     except BaseException:
-        for file_name in stored:  # nothing half-stored
-            field.storage.delete(file_name)
+        for bundle in filter(None, bundles):  # nothing half-stored
+            BUNDLES.storage.delete(bundle)
         raise
     return batch
+
+
+BUNDLES = BatchChunk._meta.get_field("bundle")
+
+
+def _is_pending(entry: NamedBytes | UrlEntry) -> bool:
+    return not entry.error and (entry.url if isinstance(entry, UrlEntry) else entry.data is not None)
+
+
+def _store_bundle(name: str, checked: list[NamedBytes | UrlEntry], positions: range) -> str:
+    """One chunk's uploaded images in one stored zip; "" for a chunk of URLs only."""
+    contents = [(p, checked[p].data) for p in positions if isinstance(checked[p], NamedBytes) and checked[p].data]
+    if not contents:
+        return ""
+    return BUNDLES.storage.save(BUNDLES.generate_filename(None, name), ContentFile(pack(contents)))
+
+
+def _item(batch: Batch, position: int, entry: NamedBytes | UrlEntry) -> BatchItem:
+    item = BatchItem(batch=batch, position=position, original_filename=entry.name[-255:])
+    if isinstance(entry, UrlEntry):
+        item.source_url = entry.url[:2000]
+    if not _is_pending(entry):
+        item.status, item.error = BatchItem.Status.FAILED, entry.error[:500]
+    return item
 
 
 def enqueue(batch: Batch) -> None:

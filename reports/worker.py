@@ -16,8 +16,9 @@ retried forever. A worker asked to stop (SIGTERM) stores the sub-batch in hand a
 the queue, lease cleared, a new task; not a failed attempt); a worker that lost the database mid-chunk releases it
 too once the database answers again (that attempt counts, so a fault that keeps coming back cannot loop forever).
 
-Order of work in a chunk: its stored files first, then its URLs are downloaded (:mod:`reports.url_items`,
-within the time budget), then what was downloaded is classified.
+Order of work in a chunk: its bundle of uploaded images is unpacked into the items' files (:mod:`reports.bundles`),
+its stored files are classified, then its URLs are downloaded (:mod:`reports.url_items`, within the time budget),
+then what was downloaded is classified.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from classifier.services import new_prediction
 from wbc_ml.inference import ModelUnavailable, get_classifier
 from wbc_ml.preprocessing import ImageRejected, decode_image, resize
 
+from .bundles import unpack_chunk
 from .chunks import ChunkLease, enqueue_chunks, ensure_chunks
 from .file_pool import file_pool
 from .models import Batch, BatchChunk, BatchItem
@@ -220,7 +222,8 @@ def _process(lease: ChunkLease) -> str:
         _fail_batch(batch.pk, str(exc))
         return f"failed: {exc}"
     items = batch.items.filter(position__gte=chunk.first_position, position__lt=chunk.end_position)
-    if not _classify_pending(batch, items, lease, classifier):
+    unpacked = unpack_chunk(chunk, items, lease)
+    if unpacked is None or not _classify_pending(batch, items, lease, classifier, unpacked):
         return LOST
     if not fetch_url_items(batch, items, lease, stopping.is_set):
         return LOST
@@ -250,12 +253,16 @@ def _finish_batch(batch_id: int) -> bool:
     return bool(done)
 
 
-def _load(item: BatchItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int], bytes | None] | str:
-    """(model-sized pixels, original width and height, the gallery's WebP thumbnail), or the reason the stored
-    file is unusable."""
+def _load(
+    item: BatchItem, size: tuple[int, int], data: bytes | None = None
+) -> tuple[np.ndarray, tuple[int, int], bytes | None] | str:
+    """(model-sized pixels, original width and height, the gallery's thumbnail), or the reason the stored file is
+    unusable. ``data``: the file's bytes when the worker has them already (it has just stored them)."""
     try:
-        with item.image.open("rb") as handle:
-            image = decode_image(handle.read(), name=item.original_filename)
+        if data is None:
+            with item.image.open("rb") as handle:
+                data = handle.read()
+        image = decode_image(data, name=item.original_filename)
     except (ImageRejected, OSError) as exc:
         return str(exc)
     return resize(image, size), image.size, make_thumbnail(image)
@@ -294,8 +301,9 @@ def _classify_part(part: list[BatchItem], decoding: list[Future], classifier) ->
     return _Classified(loaded, good, results, (time.perf_counter() - started) * 1000.0 / len(part))
 
 
-def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier) -> bool:
+def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier, contents: dict | None = None) -> bool:
     """Classify the pending stored images among ``items`` in sub-batches; False when the lease was lost.
+    ``contents``: the bytes of stored files the worker already has, by item (they are not read again).
 
     Raises :class:`_Stop` between sub-batches once the worker is asked to stop. Two sub-batches are in flight: while
     this thread stores one, the inference thread classifies the next and the file pool decodes the one after.
@@ -307,9 +315,10 @@ def _classify_pending(batch: Batch, items, lease: ChunkLease, classifier) -> boo
     )
     parts = sub_batches(pending, SUB_BATCH, FIRST_SUB_BATCH)
     pool = file_pool()
+    known = dict(contents or {})  # each entry is dropped once handed to its decoding: memory shrinks as it goes
 
     def start(part: list[BatchItem]) -> tuple[list[Future], Future]:
-        decoding = [pool.submit(_load, item, record.input_size) for item in part]
+        decoding = [pool.submit(_load, item, record.input_size, known.pop(item.pk, None)) for item in part]
         return decoding, _inference_thread().submit(_classify_part, part, decoding, classifier)
 
     in_flight = deque(start(part) for part in parts[:2])

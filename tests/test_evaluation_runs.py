@@ -475,6 +475,15 @@ def test_rerun_refuses_the_batch_own_model(tech_client, known_batch, tiny_record
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_batch_still_waiting_for_its_worker_cannot_be_rerun(technologist, tiny_record):
+    waiting = submit_batch(technologist, [NamedBytes("cell.png", image_bytes())], tiny_record, name="Waiting")
+    other = _copy_model(tiny_record, name="Tiny CNN (second opinion)")
+    with pytest.raises(Refused, match="still being classified"):  # its images are not in files of their own yet
+        rerun_batch(technologist, waiting, other)
+    assert Batch.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_rerun_uses_the_same_files_and_the_worker_classifies_every_image(technologist, tiny_record, monkeypatch):
     entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(60 * i, 100, 200))) for i in range(3)]
     original = submit_batch(technologist, [*entries, NamedBytes("junk.jpg", b"not an image")], tiny_record, name="S1")

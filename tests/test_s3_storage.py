@@ -79,6 +79,7 @@ def test_a_batch_is_classified_by_a_worker_with_every_file_in_s3(
         assert item.thumbnail.name in keys
         assert Image.open(io.BytesIO(s3_media.read(item.thumbnail.name))).format == "JPEG"
         assert item.prediction.model_sha256 == tiny_record.sha256
+    assert s3_media.keys("bundles/") == []  # the submission's bundle, deleted once unpacked
     # the worker served the ONNX copy it fetched into its own cache, checked against the registered sha256
     cached = worker_folders["cache"] / "onnx" / tiny_record.onnx_file_name
     assert file_sha256(cached) == tiny_record.onnx_sha256
@@ -100,6 +101,22 @@ def test_a_media_upload_is_one_put_without_a_head_request(s3_media):
         events.unregister("before-call.s3", unique_id="count-s3-calls")
     assert calls == ["PutObject"]
     assert s3_media.read(name) == data
+
+
+def test_a_submission_is_one_put_per_chunk_whatever_its_number_of_images(s3_media, technologist, tiny_record, settings):
+    from django.core.files.storage import default_storage
+
+    settings.WBC_CHUNK_SIZE = 4
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(20 * i, 90, 160))) for i in range(8)]
+    calls: list[str] = []
+    events = default_storage.connection.meta.client.meta.events
+    events.register("before-call.s3", lambda model, **_: calls.append(model.name), unique_id="count-s3-calls")
+    try:
+        batch = submit_batch(technologist, entries, tiny_record, name="Two chunks")
+    finally:
+        events.unregister("before-call.s3", unique_id="count-s3-calls")
+    assert calls == ["PutObject", "PutObject"]  # it was one per image
+    assert s3_media.keys() == sorted(batch.chunks.values_list("bundle", flat=True))
 
 
 def test_a_worker_that_lost_its_chunk_never_deletes_the_file_of_the_worker_that_took_it(

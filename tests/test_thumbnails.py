@@ -35,11 +35,10 @@ def test_a_thumbnail_is_a_small_jpeg_with_the_image_proportions():
 
 def test_the_worker_stores_one_thumbnail_per_classified_cell(technologist, tiny_record, settings):
     entries = [NamedBytes(f"cell{i}.png", image_bytes(size=(120, 110), color=(40 * i, 90, 200))) for i in range(3)]
-    entries.append(NamedBytes("damaged.png", image_bytes(size=(120, 110))))
+    whole = image_bytes(size=(120, 110))
+    entries.append(NamedBytes("damaged.png", whole[: len(whole) // 2]))  # passes the upload's checks, not decoding
     batch = submit_batch(technologist, entries, tiny_record, name="Slide with thumbnails")
     damaged = batch.items.get(original_filename="damaged.png")
-    with open(damaged.image.path, "r+b") as handle:  # damaged on disk after the upload was checked
-        handle.truncate(60)
 
     assert process_batch_now(batch.pk) == "done"
 
