@@ -30,22 +30,29 @@ from .file_pool import write_each
 from .models import Batch, BatchChunk, BatchItem, worker_file_name
 
 logger = logging.getLogger(__name__)
+BUNDLE = BatchChunk._meta.get_field("bundle")
+IMAGE = BatchItem._meta.get_field("image")
 MISSING = "{name}: the uploaded image is missing from its stored upload; submit it again."
 
 
-def pack(contents: Iterable[tuple[int, bytes]]) -> bytes:
-    """An uncompressed zip of (position, image bytes)."""
+def save_bundle(name: str, contents: Iterable[tuple[int, bytes]]) -> str:
+    """Store (position, image bytes) as one uncompressed zip under ``name`` (in the bundle field's folder); the name
+    it was stored under."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for position, data in contents:
             archive.writestr(str(position), data)
-    return buffer.getvalue()
+    return BUNDLE.storage.save(BUNDLE.generate_filename(None, name), ContentFile(buffer.getvalue()))
+
+
+def discard_bundles(names: Iterable[str]) -> None:
+    """Delete stored bundles (unpacked, or of a submission that failed); one that cannot be deleted is logged."""
+    _delete(BUNDLE.storage, names)
 
 
 def read_bundle(name: str) -> dict[int, bytes]:
     """The images of a stored bundle, by position."""
-    storage = BatchChunk._meta.get_field("bundle").storage
-    with storage.open(name, "rb") as handle:
+    with BUNDLE.storage.open(name, "rb") as handle:
         data = handle.read()
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return {int(member.filename): archive.read(member) for member in archive.infolist()}
@@ -85,9 +92,9 @@ def unpack_chunk(chunk: BatchChunk, items, lease: ChunkLease) -> dict[int, bytes
         if held:
             _link(todo, names, missing)
             BatchChunk.objects.filter(pk=chunk.pk).update(bundle="")
-            transaction.on_commit(lambda: _delete(BatchChunk._meta.get_field("bundle").storage, [chunk.bundle.name]))
+            transaction.on_commit(lambda: discard_bundles([chunk.bundle.name]))
     if not held:
-        _delete(BatchItem._meta.get_field("image").storage, names)
+        _delete(IMAGE.storage, names)
         return None
     return {item.pk: data for item, data in todo}
 
@@ -95,20 +102,19 @@ def unpack_chunk(chunk: BatchChunk, items, lease: ChunkLease) -> dict[int, bytes
 def _write_images(uid, todo: list[tuple[BatchItem, bytes]]) -> list[str]:
     """Write each image as a file of its own (on the file pool for S3); every one written is deleted again if any
     write fails."""
-    storage = BatchItem._meta.get_field("image").storage
     written: list[str] = []  # list.append is thread-safe
 
     def write(_: int, pair: tuple[BatchItem, bytes]) -> str:
         item, data = pair
         suffix = ".png" if sniff_image_type(data) == "PNG" else ".jpg"
-        name = storage.save(worker_file_name("image", f"{uid}-{item.position}", suffix), ContentFile(data))
+        name = IMAGE.storage.save(worker_file_name("image", f"{uid}-{item.position}", suffix), ContentFile(data))
         written.append(name)
         return name
 
     try:
-        return write_each(write, todo, storage)
+        return write_each(write, todo, IMAGE.storage)
     except BaseException:
-        _delete(storage, written)
+        _delete(IMAGE.storage, written)
         raise
 
 
@@ -125,7 +131,7 @@ def _link(todo: list[tuple[BatchItem, bytes]], names: list[str], missing: list[B
         )
 
 
-def _delete(storage, names: list[str]) -> None:
+def _delete(storage, names: Iterable[str]) -> None:
     for name in names:
         try:
             storage.delete(name)

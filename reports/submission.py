@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.files.base import ContentFile
 from django.db import transaction
 from django.utils import timezone
 
@@ -19,7 +18,7 @@ from classifier.fetch import UrlRefused, check_url_form, url_file_name, url_with
 from classifier.models import ClassifierModel
 from wbc_ml.preprocessing import ImageRejected, decode_image, open_image
 
-from .bundles import pack
+from .bundles import discard_bundles, save_bundle
 from .chunks import enqueue_chunks, ensure_chunks, make_chunks, planned_chunks
 from .models import Batch, BatchChunk, BatchItem
 from .uploads import Limits, NamedBytes, UploadRefused
@@ -128,25 +127,19 @@ def submit_batch(
                 make_chunks(batch, pending, bundles)
                 transaction.on_commit(lambda: enqueue(batch))
     except BaseException:
-        for bundle in filter(None, bundles):  # nothing half-stored
-            BUNDLES.storage.delete(bundle)
+        discard_bundles(filter(None, bundles))  # nothing half-stored
         raise
     return batch
 
 
-BUNDLES = BatchChunk._meta.get_field("bundle")
-
-
 def _is_pending(entry: NamedBytes | UrlEntry) -> bool:
-    return not entry.error and (entry.url if isinstance(entry, UrlEntry) else entry.data is not None)
+    return not entry.error and (bool(entry.url) if isinstance(entry, UrlEntry) else entry.data is not None)
 
 
 def _store_bundle(name: str, checked: list[NamedBytes | UrlEntry], positions: range) -> str:
     """One chunk's uploaded images in one stored zip; "" for a chunk of URLs only."""
     contents = [(p, checked[p].data) for p in positions if isinstance(checked[p], NamedBytes) and checked[p].data]
-    if not contents:
-        return ""
-    return BUNDLES.storage.save(BUNDLES.generate_filename(None, name), ContentFile(pack(contents)))
+    return save_bundle(name, contents) if contents else ""
 
 
 def _item(batch: Batch, position: int, entry: NamedBytes | UrlEntry) -> BatchItem:
