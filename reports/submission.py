@@ -124,8 +124,8 @@ def submit_batch(
                 batch.status, batch.finished_at = Batch.Status.DONE, timezone.now()
                 batch.save(update_fields=["status", "finished_at"])
             else:
-                make_chunks(batch, pending, bundles)
-                transaction.on_commit(lambda: enqueue(batch))
+                chunk_ids = [chunk.pk for chunk in make_chunks(batch, pending, bundles)]
+                transaction.on_commit(lambda: enqueue_chunks(chunk_ids))
     except BaseException:
         discard_bundles(filter(None, bundles))  # nothing half-stored
         raise
