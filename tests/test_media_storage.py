@@ -1,5 +1,5 @@
-"""Media writes: the folder storage writes a file as Django's does, with fewer system calls; a submission writes its
-files in the request thread to a folder and on the file pool to a remote storage."""
+"""Media writes: the folder storage writes a file as Django's does, with fewer system calls; a set of files (a chunk's
+images) is written in the calling thread to a folder and on the file pool to a remote storage."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Every media name the app writes carries a uuid and the folder storage overwrites (``allow_overwrite``), so a file
 can be written straight to its name. Django's own ``_save`` also looks for the folder with a stat or three, and
 takes and releases an advisory lock that no other writer of a uuid name can contend. Each of those system calls
-hands the GIL over, and under load a busy thread keeps it for the switch interval. A batch submission writes 100
-files: Django's ``_save`` was about half of the web process's samples (py-spy) during 100-image submissions.
+hands the GIL over, and under load a busy thread keeps it for the switch interval. A 100-cell batch is 200 files
+(each image and its thumbnail, written by the worker); when submissions still wrote a file per image, Django's
+``_save`` was about half of the web process's samples (py-spy) during 100-image submissions.
 
 A file whose folder does not exist yet, an upload that Django spooled to a temporary file (it is moved, not
 copied) and a storage that must not overwrite all go through Django's own ``_save``.
