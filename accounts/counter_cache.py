@@ -13,7 +13,9 @@ counts the whole table for culling and fails an INSERT on every request but the 
 from __future__ import annotations
 
 import base64
+import math
 import pickle
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,22 @@ from datetime import UTC, datetime
 from django.core.cache import BaseCache
 from django.core.cache.backends.db import DatabaseCache
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
+
+# Expired counters are deleted at most once a minute per process and table: every key starts a new window each minute,
+# so culling whenever a counter starts cost a transaction on most requests of a quiet client (and 2 of a submission).
+CULL_SECONDS = 60
+_last_cull: dict[str, float] = {}
+_cull_lock = threading.Lock()
+
+
+def _cull_due(table: str) -> bool:
+    """Whether this process should delete the table's expired counters now (then it is not due for a while)."""
+    now = time.monotonic()
+    with _cull_lock:
+        if now - _last_cull.get(table, -math.inf) < CULL_SECONDS:
+            return False
+        _last_cull[table] = now
+        return True
 
 
 class AtomicDatabaseCache(DatabaseCache):
@@ -52,7 +70,8 @@ class AtomicDatabaseCache(DatabaseCache):
         expired, else its value plus one. Returns the new value; :meth:`get` reads it like any cached value.
 
         When a counter starts, expired ones are deleted (Django's cache culls only above MAX_ENTRIES, which for
-        counters kept far away means a table that only grows), in a separate step that may fail harmlessly.
+        counters kept far away means a table that only grows), at most every ``CULL_SECONDS`` per process, in a
+        separate step that may fail harmlessly.
         """
         db_key = self.make_and_validate_key(key, version=version)
         db = router.db_for_write(self.cache_model_class)
@@ -92,6 +111,8 @@ class AtomicDatabaseCache(DatabaseCache):
                 continue
         else:
             raise RuntimeError(f"the counter {key!r} could not be started")
+        if not _cull_due(self._table):
+            return 1
         try:
             with transaction.atomic(using=db), connection.cursor() as cursor:
                 cursor.execute(f"DELETE FROM {table} WHERE {expires_column} < %s", [now_db])  # noqa: S608

@@ -274,7 +274,7 @@ class BatchViewSet(LabApiMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
             if existing is None:
                 raise
             return self._replay(existing, data, files, key)  # lost the race to a concurrent retry
-        if not batch.items.filter(status=BatchItem.Status.PENDING).exists():
+        if batch.status == Batch.Status.DONE:  # done at once: nothing was left for the worker (submit_batch)
             reasons = list(batch.items.order_by("position", "id").values("original_filename", "error"))
             batch.delete()  # every file was refused: store nothing (refused files have no stored image)
             raise ApiError(

@@ -46,10 +46,13 @@ class WorkerState:
 
 
 def worker_state() -> WorkerState:
-    newest = WorkerHeartbeat.objects.order_by("-last_seen").first()
+    """One query while a worker runs (its row is the newest); a second only when the newest row has stopped."""
+    newest = WorkerHeartbeat.objects.order_by("-last_seen").only("last_seen", "stopped_at").first()
     if newest is None:
         return WorkerState(alive=False, last_seen=None)
     fresh = timezone.now() - timedelta(seconds=settings.WBC_WORKER_STALE_SECONDS)
+    if newest.stopped_at is None:  # every other row is older, so alive exactly when this one is fresh
+        return WorkerState(alive=newest.last_seen >= fresh, last_seen=newest.last_seen)
     running = WorkerHeartbeat.objects.filter(stopped_at__isnull=True, last_seen__gte=fresh).exists()
     return WorkerState(alive=running, last_seen=newest.stopped_at or newest.last_seen)
 

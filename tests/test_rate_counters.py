@@ -12,6 +12,7 @@ from django.core.cache import caches
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from accounts import counter_cache
 from accounts.authentication import THROTTLE_CACHE
 from accounts.counter_cache import AtomicDatabaseCache, count_in_window
 
@@ -54,7 +55,8 @@ def test_a_request_is_counted_in_one_transaction_without_counting_the_table(coun
     assert "INSERT" not in statements  # nor an INSERT that fails on an existing key
 
 
-def test_an_expired_counter_starts_again_and_expired_rows_are_deleted(counters):
+def test_an_expired_counter_starts_again_and_expired_rows_are_deleted(counters, monkeypatch):
+    monkeypatch.setattr(counter_cache, "CULL_SECONDS", 0)  # whatever other tests of this process culled
     counters.set("left-by-an-old-window", 7, timeout=-1)  # already expired
     counters.set("still-live", 1, timeout=3600)
     assert count_in_window(counters, "throttle_api_token-1", 60).count == 1
@@ -63,3 +65,19 @@ def test_an_expired_counter_starts_again_and_expired_rows_are_deleted(counters):
     counters.set(key, 41, timeout=-1)
     assert counters.count(key, 60) == 1  # not 42: an expired counter is not continued
     assert counters.count(key, 60) == 2
+
+
+def test_expired_counters_are_deleted_at_most_once_a_minute_per_process(counters, monkeypatch):
+    monkeypatch.setattr(counter_cache, "_last_cull", {})
+    counters.set("left-by-an-old-window", 7, timeout=-1)
+    with CaptureQueriesContext(connection) as first:
+        assert count_in_window(counters, "throttle_api_token-1", 60).count == 1
+    counters.set("left-by-another-window", 7, timeout=-1)
+    with CaptureQueriesContext(connection) as second:
+        assert count_in_window(counters, "throttle_api-submit_token-1", 60).count == 1
+
+    def culls(queries) -> int:  # a DELETE of every expired row, not only of the counter's own key
+        return sum(q["sql"].upper().startswith("DELETE") and "CACHE_KEY" not in q["sql"].upper() for q in queries)
+
+    assert culls(first) == 1 and culls(second) == 0
+    assert _rows() == 3  # the two new counters, and the expired row left for the next cull
