@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
+from reports.heartbeat import beat, stopped, worker_state
 from reports.models import WorkerHeartbeat
 from tests.conftest import start_worker
 
@@ -62,3 +65,22 @@ def test_readyz_reports_a_broken_media_storage_without_leaking_paths(client, set
     storage = response.json()["checks"]["storage"]
     assert storage["ok"] is False and "media storage failed" in storage["detail"]
     assert str(tmp_path) not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_worker_state_is_one_query_while_a_worker_runs_and_finds_a_running_worker_behind_a_stopped_one(
+    django_assert_num_queries,
+):
+    now = timezone.now()
+    beat("older", now - timedelta(minutes=5))  # started first; its row's heartbeat is renewed below
+    beat("newer", now)
+    with django_assert_num_queries(1):
+        assert worker_state().alive
+    stopped("newer")  # the newest row is now a worker that stopped, while the older one still runs
+    assert worker_state().alive
+    WorkerHeartbeat.objects.filter(worker_id="older").update(last_seen=now - timedelta(hours=1))  # went silent
+    state = worker_state()
+    assert not state.alive and state.last_seen == WorkerHeartbeat.objects.get(worker_id="newer").stopped_at
+    WorkerHeartbeat.objects.filter(worker_id="newer").delete()
+    with django_assert_num_queries(1):  # the newest row has not stopped, but its heartbeat is stale
+        assert not worker_state().alive
