@@ -359,13 +359,24 @@ def _fail_non_finite(items, loaded, good, results):
 
 
 def _store_part(batch, lease: ChunkLease, items, loaded, good, results, per_image_ms) -> bool:
-    """Record one sub-batch's outcomes in one transaction, if this worker still holds the chunk's lease (thumbnail
-    files saved in it are deleted again if it fails)."""
+    """Record one sub-batch's outcomes in one transaction, if this worker still holds the chunk's lease; False when it
+    does not (any more). Its thumbnails are written first and deleted again unless that transaction links them."""
+    with stored_thumbnails() as thumbnails:
+        # Written before the transaction, so no transaction or row lock waits on the storage (S3: a round trip each).
+        thumbnails.save_all([(item, thumb) for item, (_, _, thumb) in good])
+        linked = _link_part(batch, lease, items, loaded, good, results, per_image_ms, thumbnails)
+        thumbnails.keep_only(linked or set())  # those of items not linked (lease lost, or already done) go again
+    return linked is not None and lease.renew()
+
+
+def _link_part(batch, lease: ChunkLease, items, loaded, good, results, per_image_ms, thumbnails) -> set[int] | None:
+    """The transaction of :func:`_store_part`: outcomes, predictions and links, under the chunk's lease; the items
+    linked to a new prediction, or None when this worker no longer holds the lease (nothing stored)."""
     record = batch.model
-    with stored_thumbnails() as thumbnails, transaction.atomic():
+    with transaction.atomic():
         # Locks the chunk's row until the commit: a worker that takes it over after an expiry waits for this store.
         if not BatchChunk.objects.select_for_update().filter(pk=lease.chunk_id, lease=lease.lease).exists():
-            return False
+            return None
         for item, outcome in zip(items, loaded, strict=True):
             if isinstance(outcome, str):
                 BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(
@@ -377,7 +388,7 @@ def _store_part(batch, lease: ChunkLease, items, loaded, good, results, per_imag
                 "pk", flat=True
             )
         )
-        todo = [(item, size, thumb, result) for (item, (_, size, thumb)), result in zip(good, results, strict=True)]
+        todo = [(item, size, result) for (item, (_, size, _)), result in zip(good, results, strict=True)]
         todo = [entry for entry in todo if entry[0].pk not in finished]
         predictions = [
             new_prediction(
@@ -390,18 +401,16 @@ def _store_part(batch, lease: ChunkLease, items, loaded, good, results, per_imag
                 processing_ms=per_image_ms,
                 image_name=item.image.name,  # the batch's stored file, not a copy
             )
-            for item, size, _, result in todo
+            for item, size, result in todo
         ]
         Prediction.objects.bulk_create(predictions)  # primary keys come back (RETURNING) on SQLite and PostgreSQL
         if todo:
-            for item, _, thumb, _ in todo:
-                thumbnails.save(item, thumb)
             # One UPDATE links each item to its new prediction, found by the stored file they share, and its thumbnail.
             new = Prediction.objects.filter(pk__in=[p.pk for p in predictions], image=OuterRef("image"))
             BatchItem.objects.filter(pk__in=[item.pk for item, *_ in todo]).update(
                 prediction=Subquery(new.values("pk")[:1]), status=BatchItem.Status.DONE, thumbnail=thumbnails.column()
             )
-        return lease.renew()
+        return {item.pk for item, *_ in todo}
 
 
 def recover_stale_chunks() -> list[int]:

@@ -1,18 +1,21 @@
 """The review gallery's thumbnails: small JPEGs made once by the worker while it classifies."""
 
 import io
+import uuid
 
 import pytest
 from django.db import DatabaseError, connection
 from PIL import Image
 
 from classifier.models import Prediction
-from reports.models import BatchItem
+from reports import worker
+from reports.models import BatchChunk, BatchItem
 from reports.submission import submit_batch
 from reports.thumbnails import THUMBNAIL_PX, make_thumbnail
 from reports.uploads import NamedBytes
 from reports.worker import process_batch_now
 from tests.conftest import image_bytes
+from tests.workers import after_each_stored_part
 from wbc_ml.preprocessing import decode_image
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -122,3 +125,41 @@ def test_a_chunk_that_fails_to_store_leaves_no_thumbnail_files_and_no_results(te
     assert process_batch_now(batch.pk) == "done"
     assert len(_media_files(settings, "thumbnails")) == 3
     assert batch.items.exclude(thumbnail="").count() == 3
+
+
+def test_thumbnails_are_written_before_the_transaction_that_links_them(technologist, tiny_record, monkeypatch):
+    """No database transaction (and no lock on the chunk's row) waits while the storage writes: on S3 that is a
+    network round trip per cell, retried through an outage."""
+    storage = BatchItem._meta.get_field("thumbnail").storage
+    real_save, in_transaction = storage.save, []
+
+    def watched_save(name, content, **kwargs):
+        in_transaction.append(connection.in_atomic_block)
+        return real_save(name, content, **kwargs)
+
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(60 * i, 80, 190))) for i in range(3)]
+    batch = submit_batch(technologist, entries, tiny_record, name="Written first")
+    monkeypatch.setattr(storage, "save", watched_save)
+
+    assert process_batch_now(batch.pk) == "done"
+
+    assert len(in_transaction) == 6  # each cell's image (unpacked from the submission's bundle), then its thumbnail
+    assert not any(in_transaction)
+    assert batch.items.filter(status=BatchItem.Status.DONE).exclude(thumbnail="").count() == 3
+
+
+def test_a_worker_that_lost_its_chunk_leaves_no_thumbnail_of_the_cells_it_did_not_store(
+    technologist, tiny_record, settings, monkeypatch
+):
+    entries = [NamedBytes(f"cell{i}.png", image_bytes(color=(30 * i, 90, 170))) for i in range(7)]
+    batch = submit_batch(technologist, entries, tiny_record, name="Taken over")
+    chunk = batch.chunks.get()
+    monkeypatch.setattr(worker, "SUB_BATCH", 2)
+    # another worker takes the chunk over as soon as the first sub-batch is stored
+    after_each_stored_part(monkeypatch, lambda: BatchChunk.objects.filter(pk=chunk.pk).update(lease=uuid.uuid4()))
+
+    assert worker.process_chunk_now(chunk.pk) == worker.LOST
+
+    linked = {item.thumbnail.name for item in batch.items.exclude(thumbnail="")}
+    assert len(linked) == 2  # the first sub-batch only; the second was written, then found the lease gone
+    assert {str(p.relative_to(settings.MEDIA_ROOT)) for p in _media_files(settings, "thumbnails")} == linked
