@@ -11,9 +11,11 @@ After a warm-up, 7 rounds each time every path once, in turn; medians are report
 each, the ratio of (b) to the faster raw path (the median of the per-round ratios), and the peak RSS of
 the web and worker processes. Without the data folder it uses realistic generated 360x363 JPEG smears instead.
 
-Then where (b)'s time goes: how long the upload takes to be answered, and, timed one by one in this process on
-the same images, each step a batch image goes through, per image, beside the raw ONNX Runtime path's time per
-image: decoding and resizing (in both paths) and the gallery thumbnail (the worker's only).
+Then where (b)'s time goes: the CPU seconds each path used per batch (this process for (a); the web server and the
+worker, with their threads, for (b)) and how many cores that kept busy; how long the upload takes to be answered;
+and, timed one by one in this process on the same images, each step a batch image goes through, per image, beside
+the raw ONNX Runtime path's time per image: decoding and resizing (in both paths) and the gallery thumbnail (the
+worker's only).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROUNDS = 7  # rounds of timing every path once; medians are reported (a shared CPU is noisy)
 END_TO_END = "(b) end to end: HTTP upload -> worker -> report"
+WEB, WORKER = "    of which the web server", "    of which the worker"
 
 
 def load_images(data: Path, n: int) -> list[tuple[str, bytes]]:
@@ -108,16 +111,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def with_children(pid: int) -> list[int]:
+    """The process and its children (gunicorn's master and its worker)."""
+    try:
+        return [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    except OSError:
+        return [pid]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, every thread) the processes and their children have used so far."""
+    total = 0
+    for p in (child for pid in pids for child in with_children(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a process and its children, in MB."""
     total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
+    for p in with_children(pid):
         try:
             match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text())
         except OSError:
@@ -292,6 +309,7 @@ def main() -> None:
     source = "real PBC test-split JPEGs" if args.data.is_dir() else "generated 360x363 JPEGs"
     workdir = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
     timings: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # CPU seconds of each pass: this process for (a), web + worker for (b)
     try:
         raw = raw_paths(REPO / "models" / f"{args.model}.json", images, workdir)
         with running_platform(args.model, workdir) as (time_batch, uploads, web_pid, worker_pid):
@@ -302,8 +320,14 @@ def main() -> None:
             uploads.clear()  # the warm-up's
             for _ in range(ROUNDS):
                 for name, one_pass in raw.items():
+                    started = time.process_time()
                     timings.setdefault(name, []).append(one_pass())
+                    cpu.setdefault(name, []).append(time.process_time() - started)
+                web_cpu, worker_cpu = cpu_seconds([web_pid]), cpu_seconds([worker_pid])
                 timings.setdefault(END_TO_END, []).append(time_batch(images))
+                cpu.setdefault(WEB, []).append(cpu_seconds([web_pid]) - web_cpu)
+                cpu.setdefault(WORKER, []).append(cpu_seconds([worker_pid]) - worker_cpu)
+                cpu.setdefault(END_TO_END, []).append(cpu[WEB][-1] + cpu[WORKER][-1])
             web_rss, worker_rss = peak_rss_mb(web_pid), peak_rss_mb(worker_pid)
             upload_s = statistics.median(uploads)
         card = json.loads((REPO / "models" / f"{args.model}.json").read_text())
@@ -327,6 +351,14 @@ def main() -> None:
         f"per round {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     print(f"peak RSS: web (gunicorn, 1 worker) {web_rss:.0f} MB, background worker {worker_rss:.0f} MB")
+    print(f"\nCPU per batch of {len(images)} (median of the rounds)   CPU s   cores busy   vs ONNX Runtime's CPU")
+    raw_cpu = statistics.median(cpu["ONNX Runtime"])
+    for name in ("ONNX Runtime", END_TO_END, WEB, WORKER):
+        label = name if name in (END_TO_END, WEB, WORKER) else f"(a) raw, in-process: {name}"
+        seconds = statistics.median(cpu[name])
+        wall = timings[END_TO_END if name in (WEB, WORKER) else name]
+        busy = statistics.median(c / t for c, t in zip(cpu[name], wall, strict=True))
+        print(f"{label:<50}{seconds:>6.2f}{busy:>13.2f}{seconds / raw_cpu:>21.2f}x")
     raw_ms = 1000 / fastest
     print(f"\nwhere (b)'s time goes, per image, against the fastest raw path's {raw_ms:.2f} ms per image")
     print(f"{'step':<50}{'ms/image':>10}{'vs raw':>16}")
