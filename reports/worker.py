@@ -365,7 +365,8 @@ def _store_part(batch, lease: ChunkLease, items, loaded, good, results, per_imag
         # Written before the transaction, so no transaction or row lock waits on the storage (S3: a round trip each).
         thumbnails.save_all([(item, thumb) for item, (_, _, thumb) in good])
         linked = _link_part(batch, lease, items, loaded, good, results, per_image_ms, thumbnails)
-        thumbnails.keep_only(linked or set())  # those of items not linked (lease lost, or already done) go again
+    # Outside the block: once committed, a failure here must never take back the thumbnails that were linked.
+    thumbnails.keep_only(linked or set())  # those of items not linked (lease lost, or already done) go again
     return linked is not None and lease.renew()
 
 
