@@ -119,10 +119,10 @@ def with_children(pid: int) -> list[int]:
         return [pid]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system, every thread) the processes and their children have used so far."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process and its children have used so far."""
     total = 0
-    for p in (child for pid in pids for child in with_children(pid)):
+    for p in with_children(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -323,10 +323,10 @@ def main() -> None:
                     started = time.process_time()
                     timings.setdefault(name, []).append(one_pass())
                     cpu.setdefault(name, []).append(time.process_time() - started)
-                web_cpu, worker_cpu = cpu_seconds([web_pid]), cpu_seconds([worker_pid])
+                web_cpu, worker_cpu = cpu_seconds(web_pid), cpu_seconds(worker_pid)
                 timings.setdefault(END_TO_END, []).append(time_batch(images))
-                cpu.setdefault(WEB, []).append(cpu_seconds([web_pid]) - web_cpu)
-                cpu.setdefault(WORKER, []).append(cpu_seconds([worker_pid]) - worker_cpu)
+                cpu.setdefault(WEB, []).append(cpu_seconds(web_pid) - web_cpu)
+                cpu.setdefault(WORKER, []).append(cpu_seconds(worker_pid) - worker_cpu)
                 cpu.setdefault(END_TO_END, []).append(cpu[WEB][-1] + cpu[WORKER][-1])
             web_rss, worker_rss = peak_rss_mb(web_pid), peak_rss_mb(worker_pid)
             upload_s = statistics.median(uploads)
